@@ -47,7 +47,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q "$(spec setuptools)" "$(spec wheel)" "$(spec ninja)" "$(spec cmake)"
 
 log "2/6 torch $(pin torch) + torchvision $(pin torchvision) (large download on first run)"
-"${PIP[@]}" install --progress-bar on "$(spec torch)" "$(spec torchvision)"
+# setuptools again in the same resolve: torch pulls a newer one otherwise.
+"${PIP[@]}" install --progress-bar on "$(spec torch)" "$(spec torchvision)" "$(spec setuptools)"
 
 PYTAG=$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 TORCHTAG=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.replace("+", "_"))')
