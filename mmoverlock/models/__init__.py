@@ -1,0 +1,3 @@
+from .backbones import OverLoCK
+
+__all__ = ['OverLoCK']

@@ -1,0 +1,387 @@
+"""OverLoCK (Lou & Yu, CVPR 2025) as an OpenMMLab backbone.
+
+Weight-compatible with the authors' ImageNet, COCO and ADE20K checkpoints and numerically equal to
+their code (see shared/spec/overlock.md).
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule
+from timm.layers import LayerNorm2d
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ...registry import register_model
+from ..layers.basic import LayerScale
+from ..layers.dilated_reparam import DilatedReparamBlock
+from ..layers.overlock_blocks import DynamicConvBlock, RepConvBlock
+from ..utils.pretrained import drop_keys, load_and_report, read_state_dict
+
+#: Block lists in forward (and drop-path) order; ``with_cp`` counts follow it too.
+BLOCK_LISTS = ('blocks1', 'blocks2', 'blocks3', 'blocks4', 'sub_blocks3', 'sub_blocks4')
+#: Modules that produce each of the four outputs (for ``frozen_stages``).
+STAGE_MODULES = (
+    ('patch_embed1', 'blocks1', 'extra_norm.0'),
+    ('patch_embed2', 'blocks2', 'extra_norm.1'),
+    ('patch_embed3', 'blocks3', 'patch_embed4', 'blocks4', 'high_level_proj', 'sub_blocks3',
+     'extra_norm.2'),
+    ('patch_embedx', 'sub_blocks4', 'extra_norm.3', 'extra_norm.4', 'h_proj'),
+)
+CLASSIFIER_PREFIXES = ('head.', 'aux_head.')
+ARCH_KEYS = {'depth', 'sub_depth', 'embed_dim', 'kernel_size', 'sub_num_heads', 'mlp_ratio',
+             'sub_mlp_ratio'}
+
+
+def _bn_conv(in_ch: int, out_ch: int, stride: int = 2) -> list[nn.Module]:
+    return [nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False), nn.BatchNorm2d(out_ch)]
+
+
+class FocusDownsample(nn.Module):
+    """Downsampling of the Focus-Net's two streams between stages 3 and 4."""
+
+    def __init__(self, dim: int, out_dim: int, ctx_dim: int) -> None:
+        super().__init__()
+        self.x_proj = nn.Sequential(*_bn_conv(dim, out_dim))
+        self.h_proj = nn.Sequential(*_bn_conv(ctx_dim, ctx_dim))
+
+    def forward(self, x: Tensor, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        return self.x_proj(x), self.h_proj(ctx)
+
+
+@register_model
+class OverLoCK(BaseModule):
+    """OverLoCK backbone for dense prediction (Base-Net, Overview-Net and Focus-Net).
+
+    Outputs four maps at strides 4, 8, 16, 32 with ``out_channels`` =
+    ``[D0, D1, D2 + c, D3 + c]`` (c = D3 // 4), e.g. ``[64, 128, 384, 640]`` for ``'t'``.
+
+    Args:
+        arch: ``'xt' | 't' | 's' | 'b'`` (or ``'x-tiny' | 'tiny' | 'small' | 'base'``), or a dict
+            with keys ``depth, sub_depth, embed_dim, kernel_size, sub_num_heads, mlp_ratio,
+            sub_mlp_ratio``.
+        overview_fusion: True gives the authors' detection form (the Overview-Net context is added
+            to the last output through ``extra_norm[4]`` and ``h_proj``), False their segmentation
+            form.
+        out_indices: Which of the four outputs to return.
+        frozen_stages: Number of leading stages (0-3) to freeze, stem included; -1 or 0: none.
+            Stage 2 comprises Base-Net stage 3, the Overview-Net and the first Focus-Net stage.
+        norm_eval: Keep BatchNorm layers in eval mode during training (LayerNorms are unaffected).
+        drop_path_rate: Stochastic depth rate, linearly spaced over all blocks.
+        with_cp: Gradient checkpointing: a bool for every block, or six ints giving the number of
+            leading blocks checkpointed in ``blocks1, blocks2, blocks3, blocks4, sub_blocks3,
+            sub_blocks4``.
+        deploy: Build the re-parameterised form (for ``*_reparam.pth`` checkpoints).
+        with_out_norms: Add the output LayerNorms ``extra_norm`` (dense prediction). The ImageNet
+            classifier has none.
+        init_cfg: ``dict(type='Pretrained', checkpoint=..., prefix=...)`` loads released weights;
+            otherwise weights are initialised as the authors do.
+    """
+
+    arch_zoo = {
+        **dict.fromkeys(['xt', 'x-tiny'], dict(
+            depth=[2, 2, 3, 2], sub_depth=[6, 2], embed_dim=[56, 112, 256, 336],
+            kernel_size=[17, 15, 13, 7], sub_num_heads=[4, 6], mlp_ratio=[4, 4, 4, 4],
+            sub_mlp_ratio=[3, 3])),
+        **dict.fromkeys(['t', 'tiny'], dict(
+            depth=[4, 4, 6, 2], sub_depth=[12, 2], embed_dim=[64, 128, 256, 512],
+            kernel_size=[17, 15, 13, 7], sub_num_heads=[4, 8], mlp_ratio=[4, 4, 4, 4],
+            sub_mlp_ratio=[3, 3])),
+        **dict.fromkeys(['s', 'small'], dict(
+            depth=[6, 6, 8, 3], sub_depth=[16, 3], embed_dim=[64, 128, 320, 512],
+            kernel_size=[17, 15, 13, 7], sub_num_heads=[8, 16], mlp_ratio=[4, 4, 4, 4],
+            sub_mlp_ratio=[3, 3])),
+        **dict.fromkeys(['b', 'base'], dict(
+            depth=[8, 8, 10, 4], sub_depth=[20, 4], embed_dim=[80, 160, 384, 576],
+            kernel_size=[17, 15, 13, 7], sub_num_heads=[6, 9], mlp_ratio=[4, 4, 4, 4],
+            sub_mlp_ratio=[3, 3])),
+    }
+    #: Per-stage LayerScale init of the blocks (None: no LayerScale).
+    ls_init_value = (None, None, 1.0, 1.0)
+
+    def __init__(self,
+                 arch: Union[str, dict] = 't',
+                 overview_fusion: bool = True,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 drop_path_rate: float = 0.0,
+                 with_cp: Union[bool, Sequence[int]] = False,
+                 deploy: bool = False,
+                 with_out_norms: bool = True,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = self.resolve_arch(arch)
+        a = self.arch_settings
+        dims = list(a['embed_dim'])
+        ctx_dim = dims[3] // 4
+        self.ctx_dim = ctx_dim
+        self.overview_fusion = overview_fusion and with_out_norms
+        self.with_out_norms = with_out_norms
+        self.out_channels = [dims[0], dims[1], dims[2] + ctx_dim, dims[3] + ctx_dim]
+        self.out_indices = self._check_out_indices(out_indices)
+        if not -1 <= frozen_stages <= 4:
+            raise ValueError(f'frozen_stages must be in [-1, 4], got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.deploy = deploy
+
+        depth, sub_depth = list(a['depth']), list(a['sub_depth'])
+        counts = depth + sub_depth
+        self.cp_counts = self._resolve_with_cp(with_cp, counts)
+        rates = torch.linspace(0, drop_path_rate, sum(counts)).tolist()
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+
+        self.patch_embed1 = nn.Sequential(
+            nn.Conv2d(3, dims[0] // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(dims[0] // 2),
+            nn.GELU(),
+            nn.Conv2d(dims[0] // 2, dims[0] // 2, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(dims[0] // 2), nn.GELU(),
+            nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1, bias=False), nn.BatchNorm2d(dims[0]),
+            nn.GELU(),
+            nn.Conv2d(dims[0], dims[0], 3, 1, 1, bias=False), nn.BatchNorm2d(dims[0]))
+        for i in range(1, 4):
+            self.add_module(f'patch_embed{i + 1}', nn.Sequential(*_bn_conv(dims[i - 1], dims[i])))
+        for i in range(4):
+            self.add_module(f'blocks{i + 1}', nn.ModuleList(
+                RepConvBlock(dims[i], a['kernel_size'][i], a['mlp_ratio'][i],
+                             self.ls_init_value[i], rates[starts[i] + j], deploy=deploy)
+                for j in range(depth[i])))
+        self.high_level_proj = nn.Conv2d(dims[3], ctx_dim, 1)
+        self.patch_embedx = FocusDownsample(dims[2], dims[3], ctx_dim)
+        for s, stage in enumerate((2, 3)):
+            n = sub_depth[s]
+            self.add_module(f'sub_blocks{stage + 1}', nn.ModuleList(
+                DynamicConvBlock(dims[stage], ctx_dim, a['kernel_size'][stage],
+                                 a['sub_num_heads'][s], a['sub_mlp_ratio'][s],
+                                 self.ls_init_value[stage], rates[starts[4 + s] + j],
+                                 is_first=(s == 0 and j == 0), is_last=(s == 1 and j == n - 1),
+                                 deploy=deploy)
+                for j in range(n)))
+        if with_out_norms:
+            widths = self.out_channels + ([dims[3]] if self.overview_fusion else [])
+            self.extra_norm = nn.ModuleList(LayerNorm2d(w, eps=1e-6) for w in widths)
+        if self.overview_fusion:
+            self.h_proj = nn.Sequential(nn.Conv2d(dims[3], self.out_channels[3], 1),
+                                        LayerScale(self.out_channels[3], 1e-5))
+        self._freeze_stages()
+
+    # ------------------------------------------------------------------------------------------
+    # Construction helpers
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def resolve_arch(cls, arch: Union[str, dict]) -> dict:
+        """The settings of ``arch`` (a name in ``arch_zoo`` or a complete dict)."""
+        if isinstance(arch, str):
+            key = arch.lower()
+            if key not in cls.arch_zoo:
+                raise ValueError(f'unknown OverLoCK arch {arch!r}; choose one of '
+                                 f'{sorted(cls.arch_zoo)} or pass a dict with keys '
+                                 f'{sorted(ARCH_KEYS)}')
+            return {k: list(v) for k, v in cls.arch_zoo[key].items()}
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
+        missing, extra = ARCH_KEYS - set(arch), set(arch) - ARCH_KEYS
+        if missing or extra:
+            raise ValueError(f'custom OverLoCK arch: missing keys {sorted(missing)}, unknown keys '
+                             f'{sorted(extra)}; expected exactly {sorted(ARCH_KEYS)}')
+        lengths = dict(depth=4, embed_dim=4, kernel_size=4, mlp_ratio=4, sub_depth=2,
+                       sub_num_heads=2, sub_mlp_ratio=2)
+        for key, n in lengths.items():
+            if len(arch[key]) != n:
+                raise ValueError(f'custom OverLoCK arch: {key} needs {n} values, got {arch[key]}')
+        return {k: list(v) for k, v in arch.items()}
+
+    @staticmethod
+    def _check_out_indices(out_indices: Sequence[int]) -> tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        out = tuple(i % 4 if -4 <= i < 0 else i for i in out_indices)
+        if not out or any(i not in range(4) for i in out):
+            raise ValueError(f'out_indices must be a non-empty subset of 0..3, got {out_indices}')
+        return out
+
+    @staticmethod
+    def _resolve_with_cp(with_cp: Union[bool, Sequence[int]], counts: list[int]) -> list[int]:
+        if isinstance(with_cp, bool):
+            return list(counts) if with_cp else [0] * len(counts)
+        with_cp = list(with_cp)
+        if len(with_cp) != len(counts) or any(not 0 <= n <= c for n, c in zip(with_cp, counts)):
+            raise ValueError(f'with_cp must be a bool or {len(counts)} block counts (for '
+                             f'{", ".join(BLOCK_LISTS)}) each within {counts}, got {with_cp}')
+        return with_cp
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------
+    def _call(self, name: str, index: int, block: nn.Module, *args: Tensor):
+        if (index < self.cp_counts[BLOCK_LISTS.index(name)] and self.training
+                and torch.is_grad_enabled()):
+            return cp.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _run_blocks(self, name: str, x: Tensor) -> Tensor:
+        for j, block in enumerate(getattr(self, name)):
+            x = self._call(name, j, block, x)
+        return x
+
+    def _run_focus(self, name: str, x: Tensor, h: Tensor,
+                   h0: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        for j, block in enumerate(getattr(self, name)):
+            x, h = self._call(name, j, block, x, h, h0)
+        return x, h
+
+    def forward_features(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The four raw stage outputs (before ``extra_norm``) and the Overview-Net context."""
+        x = self._run_blocks('blocks1', self.patch_embed1(x))
+        outs = [x]
+        x = self._run_blocks('blocks2', self.patch_embed2(x))
+        outs.append(x)
+        x = self._run_blocks('blocks3', self.patch_embed3(x))
+        ctx = self._run_blocks('blocks4', self.patch_embed4(x))
+        h0 = self.high_level_proj(ctx)
+        h0_up = F.interpolate(h0, size=x.shape[-2:], mode='bilinear', align_corners=False)
+        x, h = self._run_focus('sub_blocks3', x, h0_up, h0_up)
+        outs.append(torch.cat([x, h], dim=1))
+        x, h = self.patch_embedx(x, h)
+        outs.append(self._run_focus('sub_blocks4', x, h, h0)[0])
+        return outs, ctx
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        outs, ctx = self.forward_features(x)
+        if self.with_out_norms:
+            outs = [norm(o) for norm, o in zip(self.extra_norm, outs)]
+            if self.overview_fusion:
+                outs[3] = outs[3] + self.h_proj(self.extra_norm[4](ctx))
+        return tuple(outs[i] for i in self.out_indices)
+
+    # ------------------------------------------------------------------------------------------
+    # Training-mode behaviour
+    # ------------------------------------------------------------------------------------------
+    def _stage_modules(self, stage: int) -> list[nn.Module]:
+        modules = []
+        for path in STAGE_MODULES[stage]:
+            name, _, index = path.partition('.')
+            module = getattr(self, name, None)
+            if module is not None and index:
+                module = module[int(index)] if int(index) < len(module) else None
+            if module is not None:
+                modules.append(module)
+        return modules
+
+    def _freeze_stages(self) -> None:
+        for stage in range(max(self.frozen_stages, 0)):
+            for module in self._stage_modules(stage):
+                module.eval()
+                for param in module.parameters():
+                    param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'OverLoCK':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # Weights
+    # ------------------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        cfg = self.init_cfg if isinstance(self.init_cfg, dict) else None
+        if cfg is not None and cfg.get('type') == 'Pretrained':
+            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
+            self._is_init = True
+            return
+        self._init_fresh()
+        super().init_weights()
+
+    @torch.no_grad()
+    def _init_fresh(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (_BatchNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
+        """Load the authors' ImageNet / COCO / ADE20K checkpoint (or ours) into this backbone.
+
+        Classifier heads are ignored, the output norms and ``h_proj`` (absent from ImageNet
+        checkpoints) are reported as newly initialised, and a checkpoint of another arch or form
+        (training vs re-parameterised) is refused with an explanation.
+        """
+        state = read_state_dict(checkpoint, prefix=prefix)
+        state, ignored = drop_keys(state, CLASSIFIER_PREFIXES)
+        self.check_compatible(state, source=checkpoint)
+        if not self.with_out_norms or not self.overview_fusion:
+            state, _ = drop_keys(state, ('h_proj.', 'extra_norm.4.') if self.with_out_norms
+                                 else ('h_proj.', 'extra_norm.'))
+        load_and_report(self, state, checkpoint, ignored)
+
+    def check_compatible(self, state: dict, source: str = 'checkpoint') -> None:
+        """Raise a clear error if ``state`` belongs to another arch or form of OverLoCK."""
+        found = self.arch_of_state_dict(state)
+        if not found:
+            raise ValueError(f'{source} does not look like an OverLoCK backbone (no '
+                             "'patch_embed1.0.weight'); if its keys carry a prefix such as "
+                             "'backbone.', set init_cfg.prefix")
+        mine = {k: self.arch_settings[k] for k in found}
+        if found != mine:
+            guess = [name for name, s in self.arch_zoo.items() if len(name) <= 2 and all(
+                s[k] == v for k, v in found.items())]
+            diffs = '; '.join(f'{k}: checkpoint {found[k]} vs model {mine[k]}'
+                              for k in found if found[k] != mine[k])
+            raise ValueError(
+                f'{source} holds a different OverLoCK arch ({diffs}). '
+                + (f"It matches arch='{guess[0]}'; build the backbone with that arch."
+                   if guess else 'Build the backbone with an arch dict matching the checkpoint.'))
+        reparam = any(k.endswith('lk_origin.bias') for k in state)
+        if reparam and not self.deploy:
+            raise ValueError(f'{source} is a re-parameterised (deploy) checkpoint; build the '
+                             'backbone with deploy=True to load it.')
+        if not reparam and self.deploy and any('origin_bn' in k for k in state):
+            raise ValueError(f'{source} holds the training form; build the backbone with '
+                             'deploy=False, load it, then call reparameterize().')
+
+    @staticmethod
+    def arch_of_state_dict(state: dict) -> dict:
+        """Arch settings that can be read off a state dict's keys and shapes."""
+        if 'patch_embed1.0.weight' not in state:
+            return {}
+        dims = [state['patch_embed1.9.weight'].shape[0]] + [
+            state[f'patch_embed{i}.0.weight'].shape[0] for i in (2, 3, 4)]
+
+        def count(name: str) -> int:
+            pattern = re.compile(rf'^{name}\.(\d+)\.')
+            idx = {int(m.group(1)) for k in state if (m := pattern.match(k))}
+            return max(idx) + 1 if idx else 0
+
+        kernels = [state[f'blocks{i}.0.proj.1.lk_origin.weight'].shape[-1] for i in range(1, 5)
+                   if f'blocks{i}.0.proj.1.lk_origin.weight' in state]
+        found = dict(embed_dim=dims, depth=[count(f'blocks{i}') for i in range(1, 5)],
+                     sub_depth=[count('sub_blocks3'), count('sub_blocks4')])
+        if len(kernels) == 4:
+            found['kernel_size'] = kernels
+        if 'sub_blocks3.0.rpb1' in state and 'sub_blocks4.0.rpb1' in state:
+            found['sub_num_heads'] = [state[f'sub_blocks{i}.0.rpb1'].shape[0] // 2 for i in (3, 4)]
+        return found
+
+    def reparameterize(self) -> 'OverLoCK':
+        """Convert every DilatedReparamBlock to its single-conv deploy form, in place."""
+        for module in self.modules():
+            if isinstance(module, DilatedReparamBlock):
+                module.reparameterize()
+        self.deploy = True
+        return self
+
+
+__all__ = ['OverLoCK']

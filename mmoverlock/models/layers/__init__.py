@@ -1,0 +1,6 @@
+from .basic import GRN, LayerScale, ResDWConv, SqueezeExcite
+from .dilated_reparam import DilatedReparamBlock
+from .overlock_blocks import DynamicConvBlock, RepConvBlock
+
+__all__ = ['GRN', 'LayerScale', 'ResDWConv', 'SqueezeExcite', 'DilatedReparamBlock',
+           'DynamicConvBlock', 'RepConvBlock']

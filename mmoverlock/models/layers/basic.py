@@ -1,0 +1,81 @@
+"""Small building blocks shared by the backbones (names follow the authors' checkpoints)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class LayerScale(nn.Module):
+    """Per-channel affine ``x * weight + bias`` (a depthwise 1x1 conv with bias).
+
+    Args:
+        channels: Number of channels.
+        init_value: Initial value of the scale.
+    """
+
+    def __init__(self, channels: int, init_value: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((channels, 1, 1, 1), float(init_value)))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
+
+
+class GRN(nn.Module):
+    """Global response normalisation (ConvNeXt-V2) on NCHW maps.
+
+    ``g = ||x||_2`` over (H, W); ``n = g / (mean_C(g) + eps)``; ``out = (gamma * n + 1) * x + beta``.
+
+    Args:
+        channels: Number of channels.
+        eps: Added to the channel mean of the norms.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True)
+        norm = norm / (norm.mean(dim=1, keepdim=True) + self.eps)
+        return x + torch.addcmul(self.beta, x, self.gamma * norm)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention ``x * sigmoid(fc(gelu(fc(avgpool(x)))))`` with inner width max(16, C//8).
+
+    Args:
+        channels: Number of channels.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        inner = max(16, channels // 8)
+        self.proj = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, inner, 1),
+            nn.GELU(),
+            nn.Conv2d(inner, channels, 1),
+            nn.Sigmoid())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.proj(x)
+
+
+class ResDWConv(nn.Conv2d):
+    """Residual depthwise convolution ``x + dwconv(x)``; its parameters are the conv's own.
+
+    Args:
+        channels: Number of channels.
+        kernel_size: Size of the depthwise kernel.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2,
+                         groups=channels, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + super().forward(x)

@@ -1,0 +1,120 @@
+"""Dilated re-parameterisable large-kernel depthwise conv (the UniRepLKNet design OverLoCK uses).
+
+Training form: a KxK depthwise conv plus several small dilated depthwise convs, each followed by BN,
+summed. Deploy form: one KxK depthwise conv with bias computing the same function in eval mode. The
+conversion is built from small pure functions (BN folding, dilated-to-dense kernels, centred padding).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: (kernel sizes, dilations) of the parallel dilated branches for each large kernel size.
+DILATED_BRANCHES: dict[int, tuple[Sequence[int], Sequence[int]]] = {
+    19: ((5, 7, 9, 9, 3, 3, 3), (1, 1, 1, 2, 4, 5, 7)),
+    17: ((5, 7, 9, 3, 3, 3), (1, 1, 2, 4, 5, 7)),
+    15: ((5, 7, 7, 3, 3, 3), (1, 1, 2, 3, 5, 7)),
+    13: ((5, 7, 7, 3, 3, 3), (1, 1, 2, 3, 4, 5)),
+    11: ((5, 7, 5, 3, 3, 3), (1, 1, 2, 3, 4, 5)),
+    9: ((5, 7, 5, 3, 3), (1, 1, 2, 3, 4)),
+    7: ((5, 3, 3, 3), (1, 1, 2, 3)),
+    5: ((3, 3), (1, 2)),
+}
+
+
+def fuse_conv_bn(kernel: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Fold an eval-mode BN that follows a conv into the conv's kernel and bias."""
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std
+    conv_bias = torch.zeros_like(bn.running_mean) if bias is None else bias
+    return kernel * scale.view(-1, 1, 1, 1), bn.bias + (conv_bias - bn.running_mean) * scale
+
+
+def dilate_kernel(kernel: Tensor, dilation: int) -> Tensor:
+    """The dense kernel of size ``r*(k-1)+1`` equivalent to ``kernel`` applied with dilation r."""
+    if dilation == 1:
+        return kernel
+    k = kernel.shape[-1]
+    size = dilation * (k - 1) + 1
+    dense = kernel.new_zeros(*kernel.shape[:-2], size, size)
+    dense[..., ::dilation, ::dilation] = kernel
+    return dense
+
+
+def pad_kernel_to(kernel: Tensor, size: int) -> Tensor:
+    """Zero-pad a square kernel to ``size x size``, keeping it centred."""
+    pad = (size - kernel.shape[-1]) // 2
+    if pad < 0:
+        raise ValueError(f'kernel of size {kernel.shape[-1]} does not fit into {size}')
+    return F.pad(kernel, [pad] * 4)
+
+
+class DilatedReparamBlock(nn.Module):
+    """Large-kernel depthwise conv with parallel dilated branches, re-parameterisable.
+
+    Args:
+        channels: Number of channels (depthwise).
+        kernel_size: The large kernel size K; one of ``DILATED_BRANCHES``.
+        deploy: Build the single-conv deploy form directly.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, deploy: bool = False) -> None:
+        super().__init__()
+        if kernel_size not in DILATED_BRANCHES:
+            raise ValueError(f'DilatedReparamBlock supports kernel sizes '
+                             f'{sorted(DILATED_BRANCHES)}, got {kernel_size}')
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.deploy = deploy
+        self.lk_origin = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
+                                   groups=channels, bias=deploy)
+        self.branches: list[tuple[int, int]] = []
+        if deploy:
+            return
+        self.origin_bn = nn.BatchNorm2d(channels)
+        for k, r in zip(*DILATED_BRANCHES[kernel_size]):
+            self.branches.append((k, r))
+            self.add_module(f'dil_conv_k{k}_{r}', nn.Conv2d(
+                channels, channels, k, padding=(r * (k - 1) + 1) // 2, dilation=r,
+                groups=channels, bias=False))
+            self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.deploy:
+            return self.lk_origin(x)
+        out = self.origin_bn(self.lk_origin(x))
+        for k, r in self.branches:
+            out = out + getattr(self, f'dil_bn_k{k}_{r}')(getattr(self, f'dil_conv_k{k}_{r}')(x))
+        return out
+
+    @torch.no_grad()
+    def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """The single KxK kernel and bias that reproduce the training form in eval mode."""
+        kernel, bias = fuse_conv_bn(self.lk_origin.weight, None, self.origin_bn)
+        for k, r in self.branches:
+            branch_kernel, branch_bias = fuse_conv_bn(
+                getattr(self, f'dil_conv_k{k}_{r}').weight, None, getattr(self, f'dil_bn_k{k}_{r}'))
+            kernel = kernel + pad_kernel_to(dilate_kernel(branch_kernel, r), self.kernel_size)
+            bias = bias + branch_bias
+        return kernel, bias
+
+    def reparameterize(self) -> None:
+        """Switch to the deploy form in place (one conv with bias)."""
+        if self.deploy:
+            return
+        kernel, bias = self.equivalent_kernel_bias()
+        conv = nn.Conv2d(self.channels, self.channels, self.kernel_size,
+                         padding=self.kernel_size // 2, groups=self.channels, bias=True)
+        conv = conv.to(device=kernel.device, dtype=kernel.dtype)
+        conv.weight.data.copy_(kernel)
+        conv.bias.data.copy_(bias)
+        self.lk_origin = conv
+        del self.origin_bn
+        for k, r in self.branches:
+            delattr(self, f'dil_conv_k{k}_{r}')
+            delattr(self, f'dil_bn_k{k}_{r}')
+        self.branches = []
+        self.deploy = True

@@ -1,0 +1,235 @@
+"""2-D neighbourhood aggregation with clamped windows (natten 0.17's ``na2d_av`` semantics).
+
+For a kernel ``K`` on an ``H x W`` map, pixel ``(i, j)`` aggregates the ``K x K`` window that is
+centred on it but shifted inwards at the borders so that it always lies inside the map:
+
+    s(i) = clamp(i - K // 2, 0, H - K)
+    out[b, g, i, j, :] = sum_{u, v} attn[b, g, i, j, u * K + v] * value[b, g, s(i) + u, s(j) + v, :]
+
+The pure-PyTorch path below loops over the ``K * K`` taps and gathers one shifted copy of the values
+at a time, so its peak extra memory is a few value-sized buffers. The obvious alternative, unfolding
+the values into a ``(H, W, K*K, C)`` tensor, needs ``K*K`` times the memory of the values (gigabytes
+at detection resolution). Its backward is written by hand for the same reason: autograd through the
+tap loop would keep every gathered copy alive.
+
+When natten 0.17.x is installed it can serve as the backend (``backend='natten'``); both agree.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ['window_starts', 'window_index', 'bias_index', 'relative_position_bias',
+           'neighborhood_aggregate', 'na2d_av_reference', 'available_backends']
+
+BACKEND_ENV = 'MMOVERLOCK_NA_BACKEND'
+
+
+# ----------------------------------------------------------------------------------------------
+# Index arithmetic (pure functions, testable alone)
+# ----------------------------------------------------------------------------------------------
+def window_starts(length: int, kernel_size: int) -> Tensor:
+    """Start of each position's clamped window along one axis: ``clamp(i - K//2, 0, L - K)``."""
+    _check_length(length, kernel_size)
+    idx = torch.arange(length)
+    return (idx - kernel_size // 2).clamp(0, length - kernel_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_index_cpu(length: int, kernel_size: int) -> Tensor:
+    starts = window_starts(length, kernel_size)
+    return starts[None, :] + torch.arange(kernel_size)[:, None]  # (K, L): s(i) + u
+
+
+@functools.lru_cache(maxsize=256)
+def _bias_index_cpu(length: int, kernel_size: int) -> Tensor:
+    idx = torch.arange(length)
+    starts = window_starts(length, kernel_size)
+    taps = torch.arange(kernel_size)
+    # (L, K): s(i) + u - i + K - 1, a row of the (2K - 1)-wide bias table
+    return starts[:, None] + taps[None, :] - idx[:, None] + kernel_size - 1
+
+
+def window_index(length: int, kernel_size: int, device: torch.device | str = 'cpu') -> Tensor:
+    """``(K, L)`` tensor whose row ``u`` holds ``s(i) + u`` for every position ``i``."""
+    return _window_index_cpu(length, kernel_size).to(device)
+
+
+def bias_index(length: int, kernel_size: int, device: torch.device | str = 'cpu') -> Tensor:
+    """``(L, K)`` index into a ``2K - 1`` bias axis: ``s(i) + u - i + K - 1``."""
+    return _bias_index_cpu(length, kernel_size).to(device)
+
+
+def relative_position_bias(rpb: Tensor, height: int, width: int) -> Tensor:
+    """Expand a ``(G, 2K-1, 2K-1)`` relative position table to per-pixel tap biases.
+
+    Returns a ``(G, H, W, K*K)`` tensor: ``rpb[g, s(i)+u-i+K-1, s(j)+v-j+K-1]`` for tap ``u*K+v``.
+    """
+    if rpb.dim() != 3 or rpb.shape[-1] != rpb.shape[-2] or rpb.shape[-1] % 2 == 0:
+        raise ValueError(f'rpb must have shape (G, 2K-1, 2K-1), got {tuple(rpb.shape)}')
+    k = (rpb.shape[-1] + 1) // 2
+    rows = bias_index(height, k, rpb.device)  # (H, K)
+    cols = bias_index(width, k, rpb.device)  # (W, K)
+    bias = rpb[:, rows[:, None, :, None], cols[None, :, None, :]]  # (G, H, W, K, K)
+    return bias.reshape(rpb.shape[0], height, width, k * k)
+
+
+def _check_length(length: int, kernel_size: int) -> None:
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f'kernel_size must be a positive odd number, got {kernel_size}')
+    if length < kernel_size:
+        raise ValueError(
+            f'neighbourhood aggregation needs a map at least as large as the kernel: got a side '
+            f'of {length} for kernel_size {kernel_size}. Resize the map up to the kernel size '
+            '(as OverLoCK\'s ContMix does) or use a smaller kernel.')
+
+
+def _check_shapes(attn: Tensor, value: Tensor) -> int:
+    if attn.dim() != 5 or value.dim() != 5:
+        raise ValueError('expected attn (B, G, H, W, K*K) and value (B, G, H, W, C), got '
+                         f'{tuple(attn.shape)} and {tuple(value.shape)}')
+    if attn.shape[:4] != value.shape[:4]:
+        raise ValueError(f'attn {tuple(attn.shape)} and value {tuple(value.shape)} must agree in '
+                         '(B, G, H, W)')
+    taps = attn.shape[-1]
+    k = int(round(taps ** 0.5))
+    if k * k != taps:
+        raise ValueError(f'the last axis of attn must be K*K for a square kernel, got {taps}')
+    _check_length(value.shape[2], k)
+    _check_length(value.shape[3], k)
+    return k
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-PyTorch backend
+# ----------------------------------------------------------------------------------------------
+class _NeighborhoodAggregate(torch.autograd.Function):
+    """Tap-by-tap aggregation with a hand-written backward (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+        _, _, height, width, _ = value.shape
+        rows = window_index(height, kernel_size, value.device)
+        cols = window_index(width, kernel_size, value.device)
+        taps = attn.permute(4, 0, 1, 2, 3).unsqueeze(-1)  # (K*K, B, G, H, W, 1)
+        out = torch.zeros_like(value)
+        for u in range(kernel_size):
+            shifted_rows = value.index_select(2, rows[u])
+            for v in range(kernel_size):
+                out.addcmul_(shifted_rows.index_select(3, cols[v]), taps[u * kernel_size + v])
+        ctx.save_for_backward(attn, value)
+        ctx.kernel_size = kernel_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        attn, value = ctx.saved_tensors
+        k = ctx.kernel_size
+        _, _, height, width, _ = value.shape
+        rows = window_index(height, k, value.device)
+        cols = window_index(width, k, value.device)
+        grad_out = grad_out.contiguous()
+        grad_attn = grad_value = None
+        taps = attn.permute(4, 0, 1, 2, 3).unsqueeze(-1)
+        if ctx.needs_input_grad[0]:
+            grad_attn = torch.empty_like(attn)
+        if ctx.needs_input_grad[1]:
+            grad_value = torch.zeros_like(value)
+        for u in range(k):
+            shifted_rows = value.index_select(2, rows[u])
+            row_grad = torch.zeros_like(value) if grad_value is not None else None
+            for v in range(k):
+                t = u * k + v
+                if grad_attn is not None:
+                    shifted = shifted_rows.index_select(3, cols[v])
+                    grad_attn[..., t] = (grad_out * shifted).sum(-1)
+                if row_grad is not None:
+                    row_grad.index_add_(3, cols[v], grad_out * taps[t])
+            if grad_value is not None:
+                grad_value.index_add_(2, rows[u], row_grad)
+        return grad_attn, grad_value, None
+
+
+def _aggregate_torch(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+    return _NeighborhoodAggregate.apply(attn, value, kernel_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# natten backend (optional)
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _natten_na2d_av():
+    """natten's ``na2d_av`` if natten 0.17.x is importable, else ``None``."""
+    try:
+        import natten
+        from natten.functional import na2d_av
+    except Exception:  # noqa: BLE001  (missing, or a build that fails to import)
+        return None
+    version = tuple(int(p) for p in natten.__version__.split('.')[:2] if p.isdigit())
+    if version[:2] != (0, 17):
+        from mmengine.logging import print_log
+        print_log(f'natten {natten.__version__} is installed but mmoverlock needs natten 0.17.x '
+                  '(later releases removed na2d_av); using the PyTorch backend. Install '
+                  '"natten==0.17.5" to use natten.', logger='current', level=30)
+        return None
+    return na2d_av
+
+
+def available_backends() -> list[str]:
+    """Names accepted by ``neighborhood_aggregate(..., backend=...)`` on this installation."""
+    return ['torch'] + (['natten'] if _natten_na2d_av() is not None else [])
+
+
+def _aggregate_natten(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+    na2d_av = _natten_na2d_av()
+    if na2d_av is None:
+        raise RuntimeError('backend="natten" was requested but natten 0.17.x is not importable; '
+                           'install it with tools/setup_env.sh or use backend="torch".')
+    return na2d_av(attn.contiguous(), value.contiguous(), kernel_size, 1)
+
+
+def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    backend = backend or os.environ.get(BACKEND_ENV, 'auto')
+    if backend == 'auto':
+        # natten's CPU kernels are slower than ours; its CUDA kernels are the reason to use it.
+        return 'natten' if device.type == 'cuda' and _natten_na2d_av() is not None else 'torch'
+    if backend not in ('torch', 'natten'):
+        raise ValueError(f"unknown neighbourhood-aggregation backend {backend!r}: use 'auto', "
+                         "'torch' or 'natten'")
+    return backend
+
+
+def neighborhood_aggregate(attn: Tensor, value: Tensor, backend: Optional[str] = None) -> Tensor:
+    """Aggregate ``value`` over clamped ``K x K`` windows with per-pixel weights ``attn``.
+
+    Args:
+        attn: ``(B, G, H, W, K*K)`` weights, tap ``u * K + v`` (row-major).
+        value: ``(B, G, H, W, C)`` values.
+        backend: ``'torch'``, ``'natten'`` or ``'auto'`` (default, or the environment variable
+            ``MMOVERLOCK_NA_BACKEND``): natten on CUDA when installed, PyTorch otherwise.
+
+    Returns:
+        ``(B, G, H, W, C)`` tensor.
+    """
+    k = _check_shapes(attn, value)
+    if _resolve_backend(backend, value.device) == 'natten':
+        return _aggregate_natten(attn, value, k)
+    return _aggregate_torch(attn, value, k)
+
+
+def na2d_av_reference(attn: Tensor, value: Tensor) -> Tensor:
+    """Brute-force per-pixel loop of the definition; slow, for tests only."""
+    k = _check_shapes(attn, value)
+    _, _, height, width, _ = value.shape
+    rs, cs = window_starts(height, k).tolist(), window_starts(width, k).tolist()
+    out = torch.zeros_like(value)
+    for i in range(height):
+        for j in range(width):
+            window = value[:, :, rs[i]:rs[i] + k, cs[j]:cs[j] + k, :].reshape(
+                value.shape[0], value.shape[1], k * k, -1)
+            out[:, :, i, j] = torch.einsum('bgt,bgtc->bgc', attn[:, :, i, j], window)
+    return out

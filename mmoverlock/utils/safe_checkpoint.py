@@ -1,0 +1,118 @@
+"""Safe checkpoint loading for the OpenMMLab 2.0 stack on torch >= 2.6.
+
+A checkpoint is a pickle: with ``weights_only=False`` a downloaded file can run arbitrary code. Since
+torch 2.6, ``torch.load`` defaults to ``weights_only=True`` and mmengine 0.10.7's checkpoints (resume,
+``load_from``, ``tools/test.py``) no longer load because they hold a few non-tensor types. Instead of
+switching safe loading off, :func:`install` allow-lists exactly those types (mmengine's
+``HistoryBuffer``, numpy arrays, scalars and dtypes) and routes mmengine's local-file loader through
+:func:`safe_load`, which refuses anything else with an error that names the offending classes and the
+explicit, per-file opt-in for trusted files (:func:`trust_checkpoint` or the environment variable
+``MMOVERLOCK_TRUSTED_CHECKPOINTS``, a ``os.pathsep``-separated list of paths).
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+import pickle
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+TRUSTED_ENV = 'MMOVERLOCK_TRUSTED_CHECKPOINTS'
+_trusted_files: set[str] = set()
+_installed = False
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint needs types outside the allow-list; loading it would execute its pickle."""
+
+
+def _numpy_safe_globals() -> list:
+    """numpy types an mmengine checkpoint holds (arrays inside HistoryBuffer, scalars, dtypes).
+
+    Pickles written under numpy 1 name ``numpy.core.*``, under numpy 2 ``numpy._core.*``: both
+    spellings are allowed, mapped to the same objects.
+    """
+    core = getattr(np, '_core', None) or np.core
+    entries: list = [np.ndarray, np.dtype]
+    for public in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+        entries.append((core.multiarray._reconstruct, f'{public}._reconstruct'))
+        entries.append((core.multiarray.scalar, f'{public}.scalar'))
+    # Concrete dtype classes (numpy.dtypes.Float64DType, ...), pickled by numpy >= 1.25.
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:
+        entries += [obj for obj in vars(dtypes).values()
+                    if isinstance(obj, type) and issubclass(obj, np.dtype)]
+    return entries
+
+
+def _mmengine_safe_globals() -> list:
+    from mmengine.logging.history_buffer import HistoryBuffer
+    return [HistoryBuffer]
+
+
+def safe_globals() -> list:
+    """Everything :func:`install` adds to torch's ``weights_only`` allow-list."""
+    return _numpy_safe_globals() + _mmengine_safe_globals()
+
+
+def trust_checkpoint(path: str) -> None:
+    """Opt in to unrestricted (code-executing) unpickling of one file you trust."""
+    _trusted_files.add(osp.realpath(osp.expanduser(path)))
+
+
+def _is_trusted(path: str) -> bool:
+    real = osp.realpath(osp.expanduser(path))
+    env = [osp.realpath(osp.expanduser(p)) for p in os.environ.get(TRUSTED_ENV, '').split(os.pathsep)
+           if p]
+    return real in _trusted_files or real in env
+
+
+def _unsafe_globals(path: str) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001  (best effort: only used to word the error)
+        return []
+
+
+def safe_load(path: str, map_location: Any = None) -> Any:
+    """``torch.load(path, weights_only=True)`` with mmoverlock's allow-list and a clear refusal."""
+    if _is_trusted(path):
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        names = [n for n in _unsafe_globals(path)] or [str(err).splitlines()[0]]
+        raise UnsafeCheckpointError(
+            f'Refusing to load checkpoint {path!r}: it needs {", ".join(names)}, which is not on '
+            'the allow-list of types a checkpoint may contain (torch.load(weights_only=True)). '
+            'Unpickling it could run code from the file. If the type is plain data, allow it with '
+            'torch.serialization.add_safe_globals([...]); if you trust this file completely, opt in '
+            f"for this file only with mmoverlock.trust_checkpoint({path!r}) or "
+            f'{TRUSTED_ENV}={path}.') from None
+
+
+def _load_from_local(filename: str, map_location: Any = None, logger: Any = None) -> Any:
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(
+            f'Checkpoint file {filename!r} does not exist: check the path given as load_from, '
+            '--resume, init_cfg.checkpoint or the test checkpoint.')
+    return safe_load(filename, map_location)
+
+
+def install(extra_globals: Iterable[Any] = ()) -> None:
+    """Allow-list the checkpoint types and route mmengine's local loader through :func:`safe_load`.
+
+    Idempotent; called by ``import mmoverlock``.
+    """
+    global _installed
+    torch.serialization.add_safe_globals(list(extra_globals))
+    if _installed:
+        return
+    torch.serialization.add_safe_globals(safe_globals())
+    from mmengine.runner.checkpoint import CheckpointLoader
+    register: Callable = CheckpointLoader.register_scheme
+    register(prefixes='', loader=_load_from_local, force=True)
+    _installed = True
