@@ -1,3 +1,4 @@
+from .glnet import GLNet
 from .overlock import OverLoCK
 
-__all__ = ['OverLoCK']
+__all__ = ['GLNet', 'OverLoCK']

@@ -241,6 +241,10 @@ class OverLoCK(BaseModule):
         outs = [x]
         x = self._run_blocks('blocks2', self.patch_embed2(x))
         outs.append(x)
+        if self.with_out_norms:
+            # The authors' dense-prediction model feeds the *normalised* stage-2 map onwards
+            # (only this one); the classifier has no output norms.
+            x = outs[1] = self.extra_norm[1](x)
         x = self._run_blocks('blocks3', self.patch_embed3(x))
         ctx = self._run_blocks('blocks4', self.patch_embed4(x))
         h0 = self.high_level_proj(ctx)
@@ -254,7 +258,7 @@ class OverLoCK(BaseModule):
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         outs, ctx = self.forward_features(x)
         if self.with_out_norms:
-            outs = [norm(o) for norm, o in zip(self.extra_norm, outs)]
+            outs = [outs[i] if i == 1 else self.extra_norm[i](o) for i, o in enumerate(outs)]
             if self.overview_fusion:
                 outs[3] = outs[3] + self.h_proj(self.extra_norm[4](ctx))
         return tuple(outs[i] for i in self.out_indices)
