@@ -15,7 +15,8 @@ def read_version() -> str:
 setup(
     name='mmoverlock',
     version=read_version(),
-    description='OverLoCK (CVPR 2025) and GLNet (NeurIPS 2024) backbones for mmdet 3.x and mmseg 1.x',
+    description=('OverLoCK (CVPR 2025) and GLNet (NeurIPS 2024) backbones for mmdet 3.x and '
+                 'mmseg 1.x'),
     long_description=(ROOT / 'README.md').read_text() if (ROOT / 'README.md').exists() else '',
     long_description_content_type='text/markdown',
     packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'tools', 'benchmarks')),

@@ -11,7 +11,7 @@ from .version import __version__
 _safe_checkpoint.install()
 
 from . import models  # noqa: E402  (registers the backbones)
-from .models import OverLoCK  # noqa: E402
+from .models import GLNet, OverLoCK  # noqa: E402
 
-__all__ = ['__version__', 'OverLoCK', 'UnsafeCheckpointError', 'safe_load', 'trust_checkpoint',
-           'models']
+__all__ = ['__version__', 'GLNet', 'OverLoCK', 'UnsafeCheckpointError', 'safe_load',
+           'trust_checkpoint', 'models']

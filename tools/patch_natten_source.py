@@ -20,7 +20,8 @@ DEVICE_T_IMPORT = 'from torch.cuda import _device_t'
 DEVICE_T_SHIM = ('from typing import Any as _Any\n'
                  '_device_t = _Any  # torch.cuda._device_t was removed from torch')
 DEVICE_CC_BODY = re.compile(
-    r'(def get_device_cc\(device_index[^\n]*\n)(\s+)major, minor = torch\.cuda\.get_device_capability')
+    r'(def get_device_cc\(device_index[^\n]*\n)(\s+)'
+    r'major, minor = torch\.cuda\.get_device_capability')
 
 
 def patch_cmake(root: Path) -> None:

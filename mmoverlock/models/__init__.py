@@ -1,3 +1,4 @@
-from .backbones import OverLoCK
+from .backbones import GLNet, OverLoCK
+from .classifiers import GLNetClassifier
 
-__all__ = ['OverLoCK']
+__all__ = ['GLNet', 'GLNetClassifier', 'OverLoCK']

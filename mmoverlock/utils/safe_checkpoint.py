@@ -1,11 +1,13 @@
 """Safe checkpoint loading for the OpenMMLab 2.0 stack on torch >= 2.6.
 
-A checkpoint is a pickle: with ``weights_only=False`` a downloaded file can run arbitrary code. Since
-torch 2.6, ``torch.load`` defaults to ``weights_only=True`` and mmengine 0.10.7's checkpoints (resume,
-``load_from``, ``tools/test.py``) no longer load because they hold a few non-tensor types. Instead of
+A checkpoint is a pickle: with ``weights_only=False`` a downloaded file can run arbitrary code.
+Since torch 2.6, ``torch.load`` defaults to ``weights_only=True`` and mmengine 0.10.7's checkpoints
+(resume, ``load_from``, ``tools/test.py``) no longer load because they hold a few non-tensor types.
+Instead of
 switching safe loading off, :func:`install` allow-lists exactly those types (mmengine's
 ``HistoryBuffer``, numpy arrays, scalars and dtypes) and routes mmengine's local-file loader through
-:func:`safe_load`, which refuses anything else with an error that names the offending classes and the
+:func:`safe_load`, which refuses anything else with an error that names the offending classes and
+the
 explicit, per-file opt-in for trusted files (:func:`trust_checkpoint` or the environment variable
 ``MMOVERLOCK_TRUSTED_CHECKPOINTS``, a ``os.pathsep``-separated list of paths).
 """
@@ -47,9 +49,26 @@ def _numpy_safe_globals() -> list:
     return entries
 
 
+def _history_buffer_getattr(obj: Any, name: str) -> Any:
+    """Stands in for ``getattr`` while unpickling: resolves only HistoryBuffer's statistics.
+
+    A pickled HistoryBuffer keeps its statistics methods as ``getattr(HistoryBuffer, 'mean')``.
+    Allowing the real ``getattr`` would let a crafted file reach methods with side effects (for
+    example ``ndarray.tofile``), so only these lookups are served.
+    """
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if obj is HistoryBuffer and name in {'min', 'max', 'current', 'mean',
+                                         *HistoryBuffer._statistics_methods}:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f'checkpoint asks for getattr({getattr(obj, "__name__", type(obj).__name__)}, {name!r}), '
+        'which is not on the allow-list')
+
+
 def _mmengine_safe_globals() -> list:
     from mmengine.logging.history_buffer import HistoryBuffer
-    return [HistoryBuffer]
+    return [HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr'),
+            (_history_buffer_getattr, '__builtin__.getattr')]
 
 
 def safe_globals() -> list:
@@ -64,8 +83,8 @@ def trust_checkpoint(path: str) -> None:
 
 def _is_trusted(path: str) -> bool:
     real = osp.realpath(osp.expanduser(path))
-    env = [osp.realpath(osp.expanduser(p)) for p in os.environ.get(TRUSTED_ENV, '').split(os.pathsep)
-           if p]
+    listed = os.environ.get(TRUSTED_ENV, '').split(os.pathsep)
+    env = [osp.realpath(osp.expanduser(p)) for p in listed if p]
     return real in _trusted_files or real in env
 
 
@@ -83,13 +102,13 @@ def safe_load(path: str, map_location: Any = None) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        names = [n for n in _unsafe_globals(path)] or [str(err).splitlines()[0]]
+        names = _unsafe_globals(path) or [str(err).splitlines()[0]]
         raise UnsafeCheckpointError(
-            f'Refusing to load checkpoint {path!r}: it needs {", ".join(names)}, which is not on '
-            'the allow-list of types a checkpoint may contain (torch.load(weights_only=True)). '
+            f'Refusing to load checkpoint {path!r}: it needs {", ".join(names)}, outside the '
+            'allow-list of types a checkpoint may contain (torch.load(weights_only=True)). '
             'Unpickling it could run code from the file. If the type is plain data, allow it with '
-            'torch.serialization.add_safe_globals([...]); if you trust this file completely, opt in '
-            f"for this file only with mmoverlock.trust_checkpoint({path!r}) or "
+            'torch.serialization.add_safe_globals([...]); if you trust this file completely, '
+            f"opt in for this file only with mmoverlock.trust_checkpoint({path!r}) or "
             f'{TRUSTED_ENV}={path}.') from None
 
 

@@ -29,10 +29,26 @@ REQUIRED_ARCH_KEYS = ('depth', 'embed_dim', 'mlp_ratios', 'mixing_modes')
 #: Optional settings of an arch dict and their defaults.
 ARCH_DEFAULTS = dict(head_dim=32, local_dw_ks=5, num_slots=64, slot_init='ada_avgpool', cpe_ks=3,
                      downsample_style='ovlp', transition_layout='proj.norm', mlp_dw=True,
-                     layerscale=0.0)
+                     layerscale=0.0, downsample_norm='bn')
 BLOCK_MODES = ('glmix', 'mha_nchw', 'mha')
 DOWNSAMPLE_STYLES = ('ovlp', 'nonovlp')
 TRANSITION_LAYOUTS = ('proj.norm', 'norm.proj')
+#: Norms of the stem / downsampling layers (and of the classifier's final ``norm``).
+DOWNSAMPLE_NORMS = ('bn', 'ln')
+
+
+def build_downsample_norm(kind: str, channels: int) -> nn.Module:
+    """``BatchNorm2d`` (``'bn'``, the released models) or ``LayerNorm2d`` eps 1e-6 (``'ln'``).
+
+    Args:
+        kind: ``'bn'`` or ``'ln'``.
+        channels: Number of channels.
+    """
+    if kind == 'bn':
+        return nn.BatchNorm2d(channels)
+    if kind == 'ln':
+        return LayerNorm2d(channels, eps=1e-6)
+    raise ValueError(f'downsample_norm must be one of {DOWNSAMPLE_NORMS}, got {kind!r}')
 
 
 class LoadResult(NamedTuple):
@@ -68,7 +84,9 @@ class GLNet(BaseModule):
             ``depth, embed_dim, mlp_ratios, mixing_modes`` and optionally ``head_dim (32),
             local_dw_ks (5), num_slots (64), slot_init ('ada_avgpool' | 'param'), cpe_ks (3),
             downsample_style ('ovlp' | 'nonovlp'), transition_layout ('proj.norm' | 'norm.proj'),
-            mlp_dw (True), layerscale (0: off)``. A stage's mixing is ``'glmix'``,
+            mlp_dw (True), layerscale (0: off), downsample_norm ('bn' | 'ln')``. The released
+            models use BatchNorm2d in the stem and downsampling layers; ``'ln'`` swaps in channel
+            LayerNorms (eps 1e-6), as in the small numerical reference configuration. A stage's mixing is ``'glmix'``,
             ``'mha_nchw'``, ``'mha'`` (tokens; not combinable with the others inside a stage) or
             a ``'.'``-joined cycle such as ``'glmix.mha_nchw'`` (even blocks GLMix, odd ones
             attention).
@@ -120,10 +138,11 @@ class GLNet(BaseModule):
         self.cp_counts = self._resolve_with_cp(with_cp, depth)
 
         self.downsample_layers = nn.ModuleList(
-            [self._stem(dims[0], a['downsample_style'])]
+            [self._stem(dims[0], a['downsample_style'], a['downsample_norm'])]
             + [self._transition(dims[i - 1], dims[i], a['downsample_style'],
-                                a['transition_layout']) for i in range(1, 4)])
-        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+                                a['transition_layout'], a['downsample_norm'])
+               for i in range(1, 4)])
+        rates = torch.linspace(0, drop_path_rate, sum(depth), device='cpu').tolist()
         self.stages = nn.ModuleList()
         for i in range(4):
             modes = self.block_modes(a['mixing_modes'][i], depth[i])
@@ -174,7 +193,7 @@ class GLNet(BaseModule):
                                  f"head_dim {a['head_dim']}")
             cls.block_modes(a['mixing_modes'][i], n)
         choices = dict(slot_init=SLOT_INITS, downsample_style=DOWNSAMPLE_STYLES,
-                       transition_layout=TRANSITION_LAYOUTS)
+                       transition_layout=TRANSITION_LAYOUTS, downsample_norm=DOWNSAMPLE_NORMS)
         for key, valid in choices.items():
             if a[key] not in valid:
                 raise ValueError(f'GLNet arch: {key} must be one of {valid}, got {a[key]!r}')
@@ -196,21 +215,22 @@ class GLNet(BaseModule):
         return modes
 
     @staticmethod
-    def _stem(dim: int, style: str) -> nn.Sequential:
+    def _stem(dim: int, style: str, norm: str) -> nn.Sequential:
         if style == 'nonovlp':
-            return nn.Sequential(nn.Conv2d(3, dim, 4, 4), nn.BatchNorm2d(dim))
+            return nn.Sequential(nn.Conv2d(3, dim, 4, 4), build_downsample_norm(norm, dim))
         return nn.Sequential(
             nn.Identity(),
-            nn.Conv2d(3, dim // 2, 3, 2, 1), nn.BatchNorm2d(dim // 2), nn.GELU(),
-            nn.Conv2d(dim // 2, dim, 3, 2, 1), nn.BatchNorm2d(dim))
+            nn.Conv2d(3, dim // 2, 3, 2, 1), build_downsample_norm(norm, dim // 2), nn.GELU(),
+            nn.Conv2d(dim // 2, dim, 3, 2, 1), build_downsample_norm(norm, dim))
 
     @staticmethod
-    def _transition(in_dim: int, out_dim: int, style: str, layout: str) -> nn.Sequential:
+    def _transition(in_dim: int, out_dim: int, style: str, layout: str,
+                    norm: str) -> nn.Sequential:
         conv = (nn.Conv2d(in_dim, out_dim, 2, 2) if style == 'nonovlp'
                 else nn.Conv2d(in_dim, out_dim, 3, 2, 1))
         if layout == 'norm.proj':
-            return nn.Sequential(nn.BatchNorm2d(in_dim), conv)
-        return nn.Sequential(conv, nn.BatchNorm2d(out_dim))
+            return nn.Sequential(build_downsample_norm(norm, in_dim), conv)
+        return nn.Sequential(conv, build_downsample_norm(norm, out_dim))
 
     @staticmethod
     def _check_out_indices(out_indices: Union[int, Sequence[int]]) -> tuple[int, ...]:
@@ -244,7 +264,7 @@ class GLNet(BaseModule):
 
         return self.stages[i](self.downsample_layers[i](x), run)
 
-    def forward_features(self, x: Tensor, last_stage: int = 3) -> list[Tensor]:
+    def forward_stages(self, x: Tensor, last_stage: int = 3) -> list[Tensor]:
         """The raw NCHW outputs of stages ``0..last_stage`` (before the output norms)."""
         outs = []
         for i in range(last_stage + 1):
@@ -254,7 +274,7 @@ class GLNet(BaseModule):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Return the (normalised) outputs of the stages in ``out_indices`` for images ``x``."""
-        outs = self.forward_features(x, max(self.out_indices))
+        outs = self.forward_stages(x, max(self.out_indices))
         if self.with_out_norms:
             return tuple(self.out_norms[str(i)](outs[i]) for i in self.out_indices)
         return tuple(outs[i] for i in self.out_indices)
@@ -411,9 +431,12 @@ class GLNet(BaseModule):
                                 if k.endswith('.pos_conv.weight')), 0)
         found['mlp_dw'] = 'mlp.1.weight' in suffixes
         found['layerscale'] = 'ls1.gamma' in suffixes
+        found['downsample_norm'] = ('bn' if any(k.startswith('downsample_layers.')
+                                                and k.endswith('.running_mean') for k in state)
+                                    else 'ln')
         if 'slot_scale' in suffixes:
             found['slot_init'] = 'param' if 'init_slots' in suffixes else 'ada_avgpool'
         return found
 
 
-__all__ = ['GLNet', 'LoadResult']
+__all__ = ['GLNet', 'LoadResult', 'build_downsample_norm']

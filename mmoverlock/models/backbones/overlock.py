@@ -41,6 +41,13 @@ def _bn_conv(in_ch: int, out_ch: int, stride: int = 2) -> list[nn.Module]:
     return [nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False), nn.BatchNorm2d(out_ch)]
 
 
+def drop_path_rates(max_rate: float, num_blocks: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 to ``max_rate`` over ``num_blocks`` blocks."""
+    if num_blocks <= 1:
+        return [0.0] * num_blocks
+    return [max_rate * i / (num_blocks - 1) for i in range(num_blocks)]
+
+
 class FocusDownsample(nn.Module):
     """Downsampling of the Focus-Net's two streams between stages 3 and 4."""
 
@@ -133,9 +140,10 @@ class OverLoCK(BaseModule):
         depth, sub_depth = list(a['depth']), list(a['sub_depth'])
         counts = depth + sub_depth
         self.cp_counts = self._resolve_with_cp(with_cp, counts)
-        rates = torch.linspace(0, drop_path_rate, sum(counts)).tolist()
+        rates = drop_path_rates(drop_path_rate, sum(counts))
         starts = [sum(counts[:i]) for i in range(len(counts))]
 
+        # Modules are registered in the order of the authors' state dicts.
         self.patch_embed1 = nn.Sequential(
             nn.Conv2d(3, dims[0] // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(dims[0] // 2),
             nn.GELU(),
@@ -146,13 +154,13 @@ class OverLoCK(BaseModule):
             nn.Conv2d(dims[0], dims[0], 3, 1, 1, bias=False), nn.BatchNorm2d(dims[0]))
         for i in range(1, 4):
             self.add_module(f'patch_embed{i + 1}', nn.Sequential(*_bn_conv(dims[i - 1], dims[i])))
+        self.high_level_proj = nn.Conv2d(dims[3], ctx_dim, 1)
+        self.patch_embedx = FocusDownsample(dims[2], dims[3], ctx_dim)
         for i in range(4):
             self.add_module(f'blocks{i + 1}', nn.ModuleList(
                 RepConvBlock(dims[i], a['kernel_size'][i], a['mlp_ratio'][i],
                              self.ls_init_value[i], rates[starts[i] + j], deploy=deploy)
                 for j in range(depth[i])))
-        self.high_level_proj = nn.Conv2d(dims[3], ctx_dim, 1)
-        self.patch_embedx = FocusDownsample(dims[2], dims[3], ctx_dim)
         for s, stage in enumerate((2, 3)):
             n = sub_depth[s]
             self.add_module(f'sub_blocks{stage + 1}', nn.ModuleList(
@@ -162,12 +170,12 @@ class OverLoCK(BaseModule):
                                  is_first=(s == 0 and j == 0), is_last=(s == 1 and j == n - 1),
                                  deploy=deploy)
                 for j in range(n)))
-        if with_out_norms:
-            widths = self.out_channels + ([dims[3]] if self.overview_fusion else [])
-            self.extra_norm = nn.ModuleList(LayerNorm2d(w, eps=1e-6) for w in widths)
         if self.overview_fusion:
             self.h_proj = nn.Sequential(nn.Conv2d(dims[3], self.out_channels[3], 1),
                                         LayerScale(self.out_channels[3], 1e-5))
+        if with_out_norms:
+            widths = self.out_channels + ([dims[3]] if self.overview_fusion else [])
+            self.extra_norm = nn.ModuleList(LayerNorm2d(w, eps=1e-6) for w in widths)
         self._freeze_stages()
 
     # ------------------------------------------------------------------------------------------
@@ -284,7 +292,7 @@ class OverLoCK(BaseModule):
                 for param in module.parameters():
                     param.requires_grad = False
 
-    def train(self, mode: bool = True) -> 'OverLoCK':
+    def train(self, mode: bool = True) -> OverLoCK:
         super().train(mode)
         self._freeze_stages()
         if mode and self.norm_eval:
@@ -316,12 +324,16 @@ class OverLoCK(BaseModule):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
+    def load_pretrained(self, checkpoint: str,
+                        prefix: Optional[str] = None) -> tuple[list[str], list[str]]:
         """Load the authors' ImageNet / COCO / ADE20K checkpoint (or ours) into this backbone.
 
         Classifier heads are ignored, the output norms and ``h_proj`` (absent from ImageNet
         checkpoints) are reported as newly initialised, and a checkpoint of another arch or form
         (training vs re-parameterised) is refused with an explanation.
+
+        Returns:
+            The missing and unexpected keys (after dropping the classifier heads).
         """
         state = read_state_dict(checkpoint, prefix=prefix)
         state, ignored = drop_keys(state, CLASSIFIER_PREFIXES)
@@ -329,7 +341,7 @@ class OverLoCK(BaseModule):
         if not self.with_out_norms or not self.overview_fusion:
             state, _ = drop_keys(state, ('h_proj.', 'extra_norm.4.') if self.with_out_norms
                                  else ('h_proj.', 'extra_norm.'))
-        load_and_report(self, state, checkpoint, ignored)
+        return load_and_report(self, state, checkpoint, ignored)
 
     def check_compatible(self, state: dict, source: str = 'checkpoint') -> None:
         """Raise a clear error if ``state`` belongs to another arch or form of OverLoCK."""
@@ -379,7 +391,7 @@ class OverLoCK(BaseModule):
             found['sub_num_heads'] = [state[f'sub_blocks{i}.0.rpb1'].shape[0] // 2 for i in (3, 4)]
         return found
 
-    def reparameterize(self) -> 'OverLoCK':
+    def reparameterize(self) -> OverLoCK:
         """Convert every DilatedReparamBlock to its single-conv deploy form, in place."""
         for module in self.modules():
             if isinstance(module, DilatedReparamBlock):

@@ -1,6 +1,8 @@
 from .basic import GRN, LayerScale, ResDWConv, SqueezeExcite
 from .dilated_reparam import DilatedReparamBlock
+from .glnet_blocks import GLMixBlock, GLNetStage, MHABlock, MHANCHWBlock, MultiheadSelfAttention
 from .overlock_blocks import DynamicConvBlock, RepConvBlock
 
 __all__ = ['GRN', 'LayerScale', 'ResDWConv', 'SqueezeExcite', 'DilatedReparamBlock',
-           'DynamicConvBlock', 'RepConvBlock']
+           'DynamicConvBlock', 'RepConvBlock', 'GLMixBlock', 'GLNetStage', 'MHABlock',
+           'MHANCHWBlock', 'MultiheadSelfAttention']

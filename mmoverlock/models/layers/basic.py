@@ -25,7 +25,8 @@ class LayerScale(nn.Module):
 class GRN(nn.Module):
     """Global response normalisation (ConvNeXt-V2) on NCHW maps.
 
-    ``g = ||x||_2`` over (H, W); ``n = g / (mean_C(g) + eps)``; ``out = (gamma * n + 1) * x + beta``.
+    ``g = ||x||_2`` over (H, W); ``n = g / (mean_C(g) + eps)``;
+    ``out = (gamma * n + 1) * x + beta``.
 
     Args:
         channels: Number of channels.

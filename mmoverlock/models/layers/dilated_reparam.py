@@ -2,7 +2,8 @@
 
 Training form: a KxK depthwise conv plus several small dilated depthwise convs, each followed by BN,
 summed. Deploy form: one KxK depthwise conv with bias computing the same function in eval mode. The
-conversion is built from small pure functions (BN folding, dilated-to-dense kernels, centred padding).
+conversion is built from small pure functions (BN folding, dilated-to-dense kernels, centred
+padding).
 """
 from __future__ import annotations
 

@@ -147,7 +147,8 @@ class DynamicConvBlock(nn.Module):
             nn.Conv2d(width, dim, 1),
             GRN(dim))
         self.weight_query = nn.Sequential(*_conv_bn(dim, dim // 2))
-        self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(KEY_REGIONS), *_conv_bn(ctx_dim, dim // 2))
+        self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(KEY_REGIONS),
+                                        *_conv_bn(ctx_dim, dim // 2))
         self.weight_proj = nn.Conv2d(KEY_REGIONS ** 2, kernel_size ** 2 + SMALL_KERNEL ** 2, 1)
         self.dyconv_proj = nn.Sequential(*_conv_bn(dim, dim))
         self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy=deploy),
@@ -166,11 +167,12 @@ class DynamicConvBlock(nn.Module):
         self.ls1 = LayerScale(width, ls_init_value)
         self.ls2 = LayerScale(width, ls_init_value)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.rpb1 = nn.Parameter(torch.zeros(self.groups, 2 * SMALL_KERNEL - 1, 2 * SMALL_KERNEL - 1))
+        small_bias = 2 * SMALL_KERNEL - 1
+        self.rpb1 = nn.Parameter(torch.zeros(self.groups, small_bias, small_bias))
         self.rpb2 = nn.Parameter(torch.zeros(self.groups, 2 * kernel_size - 1, 2 * kernel_size - 1))
 
     def contmix(self, x: Tensor, fused: Tensor) -> Tensor:
-        """Dynamic aggregation of ``x`` (C channels) with kernels predicted from ``fused`` (C + c)."""
+        """Dynamic aggregation of ``x`` (C channels), kernels predicted from ``fused`` (C + c)."""
         height, width = x.shape[-2:]
         size = contmix_resize_shape(height, width, self.kernel_size)
         if size is not None:

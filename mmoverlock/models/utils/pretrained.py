@@ -14,7 +14,7 @@ STATE_DICT_KEYS = ('state_dict', 'model', 'model_ema', 'module')
 
 
 def read_state_dict(checkpoint: str, prefix: Optional[str] = None,
-                    state_keys: Sequence[str] = STATE_DICT_KEYS) -> 'OrderedDict[str, torch.Tensor]':
+                    state_keys: Sequence[str] = STATE_DICT_KEYS) -> OrderedDict[str, torch.Tensor]:
     """Load ``checkpoint`` (safely, see :mod:`mmoverlock.utils.safe_checkpoint`) and return the
     weights, unwrapped from the first of ``state_keys`` it has and restricted to ``prefix``."""
     ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
@@ -25,12 +25,14 @@ def read_state_dict(checkpoint: str, prefix: Optional[str] = None,
                 state = ckpt[key]
                 break
     if not isinstance(state, dict):
-        raise ValueError(f'{checkpoint!r} does not hold a state dict (found {type(state).__name__})')
+        raise ValueError(f'{checkpoint!r} does not hold a state dict '
+                         f'(found {type(state).__name__})')
     state = OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in state.items())
     if prefix:
         if not prefix.endswith('.'):
             prefix += '.'
-        selected = OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix))
+        selected = OrderedDict(
+            (k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix))
         if not selected:
             roots = sorted({k.split('.')[0] + '.' for k in state})[:10]
             raise ValueError(f'no key of {checkpoint!r} starts with prefix {prefix!r}; its keys '
@@ -48,7 +50,7 @@ def drop_keys(state: dict, prefixes: Iterable[str]) -> tuple[dict, list[str]]:
 
 def summarize_keys(keys: Sequence[str], depth: int = 2) -> str:
     """Group keys by their first ``depth`` name parts, e.g. ``extra_norm.0.* (2)``."""
-    groups: 'OrderedDict[str, int]' = OrderedDict()
+    groups: OrderedDict[str, int] = OrderedDict()
     for key in keys:
         parts = key.split('.')
         head = '.'.join(parts[:depth]) + ('.*' if len(parts) > depth else '')

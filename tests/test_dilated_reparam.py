@@ -1,0 +1,67 @@
+"""Structural re-parameterisation of the dilated large-kernel block, piece by piece."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmoverlock.models.layers.dilated_reparam import (DILATED_BRANCHES, DilatedReparamBlock,
+                                                      dilate_kernel, fuse_conv_bn, pad_kernel_to)
+
+
+def test_dilate_kernel_is_equivalent_to_dilated_conv() -> None:
+    x = torch.randn(1, 3, 20, 20)
+    kernel = torch.randn(3, 1, 3, 3)
+    dense = dilate_kernel(kernel, 4)
+    assert dense.shape[-1] == 9
+    dilated = F.conv2d(x, kernel, padding=4, dilation=4, groups=3)
+    assert torch.allclose(F.conv2d(x, dense, padding=4, groups=3), dilated, atol=1e-5)
+
+
+def test_pad_kernel_keeps_it_centred() -> None:
+    kernel = torch.randn(2, 1, 3, 3)
+    padded = pad_kernel_to(kernel, 7)
+    assert torch.equal(padded[..., 2:5, 2:5], kernel)
+    assert padded.abs().sum() == kernel.abs().sum()
+    with pytest.raises(ValueError):
+        pad_kernel_to(kernel, 1)
+
+
+def test_fuse_conv_bn() -> None:
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    bn = nn.BatchNorm2d(4)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    nn.init.uniform_(bn.weight)
+    nn.init.uniform_(bn.bias)
+    bn.eval()
+    kernel, bias = fuse_conv_bn(conv.weight, None, bn)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(F.conv2d(x, kernel, bias, padding=1, groups=4), bn(conv(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize('kernel_size', sorted(DILATED_BRANCHES))
+def test_reparameterize_every_kernel_size(kernel_size: int) -> None:
+    torch.manual_seed(kernel_size)
+    block = DilatedReparamBlock(6, kernel_size)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    block.eval()
+    x = torch.randn(2, 6, kernel_size + 5, kernel_size + 2)
+    with torch.no_grad():
+        expected = block(x)
+        block.reparameterize()
+        got = block(x)
+    assert block.deploy and not hasattr(block, 'origin_bn')
+    assert set(dict(block.named_parameters())) == {'lk_origin.weight', 'lk_origin.bias'}
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_unknown_kernel_size() -> None:
+    with pytest.raises(ValueError, match='supports kernel sizes'):
+        DilatedReparamBlock(4, 21)

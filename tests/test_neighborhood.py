@@ -1,0 +1,122 @@
+"""The clamped-window neighbourhood aggregation and its relative position bias."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmoverlock.ops import (available_backends, na2d_av_reference, neighborhood_aggregate,
+                            relative_position_bias, window_starts)
+
+
+def inputs(b: int, g: int, h: int, w: int, c: int, k: int, dtype=torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    attn = torch.randn(b, g, h, w, k * k, generator=gen, dtype=dtype).softmax(-1)
+    value = torch.randn(b, g, h, w, c, generator=gen, dtype=dtype)
+    return attn, value
+
+
+def test_window_starts_are_clamped_inwards() -> None:
+    assert window_starts(7, 3).tolist() == [0, 0, 1, 2, 3, 4, 4]
+    assert window_starts(5, 5).tolist() == [0, 0, 0, 0, 0]
+    assert window_starts(9, 5).tolist() == [0, 0, 0, 1, 2, 3, 4, 4, 4]
+
+
+def test_corner_pixel_uses_the_shifted_window_not_padding() -> None:
+    # value = 1 everywhere; attn puts all weight on tap (0, 0). At pixel (0, 0) the window is
+    # shifted inwards, so tap (0, 0) is pixel (0, 0) itself: a zero-padded window would give 0.
+    attn = torch.zeros(1, 1, 6, 6, 9)
+    attn[..., 0] = 1
+    value = torch.arange(36.0).view(1, 1, 6, 6, 1)
+    out = neighborhood_aggregate(attn, value, backend='torch')
+    assert out[0, 0, 0, 0, 0] == value[0, 0, 0, 0, 0]
+    assert out[0, 0, 3, 3, 0] == value[0, 0, 2, 2, 0]  # interior: centred window
+    assert out[0, 0, 5, 5, 0] == value[0, 0, 3, 3, 0]  # far corner: window starts at H - K
+
+
+@pytest.mark.parametrize('h, w, k', [(5, 5, 5), (7, 12, 5), (13, 9, 7), (8, 8, 3), (14, 18, 13)])
+def test_matches_brute_force_loop(h: int, w: int, k: int) -> None:
+    attn, value = inputs(2, 3, h, w, 4, k)
+    out = neighborhood_aggregate(attn, value, backend='torch')
+    assert torch.allclose(out, na2d_av_reference(attn, value), atol=1e-5)
+
+
+def test_gradients_match_brute_force_loop() -> None:
+    attn, value = inputs(1, 2, 9, 11, 3, 5, dtype=torch.float64)
+    attn.requires_grad_(True)
+    value.requires_grad_(True)
+    grad = torch.randn(1, 2, 9, 11, 3, dtype=torch.float64)
+    ours = torch.autograd.grad(neighborhood_aggregate(attn, value, backend='torch'),
+                               (attn, value), grad)
+    ref = torch.autograd.grad(na2d_av_reference(attn, value), (attn, value), grad)
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_gradcheck_float64() -> None:
+    attn, value = inputs(1, 2, 6, 7, 2, 3, dtype=torch.float64)
+    attn.requires_grad_(True)
+    value.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, v: neighborhood_aggregate(a, v, backend='torch'), (attn, value))
+
+
+@pytest.mark.parametrize('h, w, k', [(9, 10, 5), (14, 18, 13), (7, 7, 7)])
+def test_agrees_with_natten(h: int, w: int, k: int) -> None:
+    from natten.functional import na2d_av  # part of the pinned stack (tools/setup_env.sh)
+    assert 'natten' in available_backends()
+    attn, value = inputs(2, 2, h, w, 8, k)
+    ours = neighborhood_aggregate(attn, value, backend='torch')
+    assert torch.allclose(ours, na2d_av(attn, value, k, 1), atol=1e-5)
+    assert torch.allclose(neighborhood_aggregate(attn, value, backend='natten'), ours, atol=1e-5)
+
+
+def test_relative_position_bias_agrees_with_natten() -> None:
+    from natten.functional import na2d_qk
+    k, h, w = 5, 9, 11
+    rpb = torch.randn(3, 2 * k - 1, 2 * k - 1)
+    zeros = torch.zeros(1, 3, h, w, 4)
+    expected = na2d_qk(zeros, torch.randn(1, 3, h, w, 4), k, 1, rpb=rpb)[0]
+    assert torch.equal(relative_position_bias(rpb, h, w), expected)
+
+
+def test_relative_position_bias_definition() -> None:
+    k, h, w = 3, 5, 4
+    rpb = torch.randn(2, 2 * k - 1, 2 * k - 1)
+    bias = relative_position_bias(rpb, h, w)
+    rs, cs = window_starts(h, k), window_starts(w, k)
+    for i in range(h):
+        for j in range(w):
+            for u in range(k):
+                for v in range(k):
+                    expected = rpb[:, rs[i] + u - i + k - 1, cs[j] + v - j + k - 1]
+                    assert torch.equal(bias[:, i, j, u * k + v], expected)
+
+
+def test_clear_errors_for_impossible_inputs() -> None:
+    attn, value = inputs(1, 1, 4, 9, 2, 5)
+    with pytest.raises(ValueError, match='at least as large as the kernel.*side of 4'):
+        neighborhood_aggregate(attn, value)
+    attn, value = inputs(1, 1, 6, 6, 2, 3)
+    with pytest.raises(ValueError, match='must agree'):
+        neighborhood_aggregate(attn, value[:, :, :5])
+    with pytest.raises(ValueError, match='K\\*K'):
+        neighborhood_aggregate(attn[..., :8], value)
+    with pytest.raises(ValueError, match='unknown neighbourhood-aggregation backend'):
+        neighborhood_aggregate(attn, value, backend='cuda-magic')
+
+
+def test_does_not_materialise_unfolded_values() -> None:
+    # The peak extra memory of a forward must stay a few value-sized buffers, far below the
+    # K*K-times larger unfolded tensor. Measured through the allocations autograd keeps.
+    attn, value = inputs(1, 2, 32, 32, 16, 13)
+    attn.requires_grad_(True)
+    value.requires_grad_(True)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        neighborhood_aggregate(attn, value, backend='torch')
+    assert sum(saved) <= attn.numel() + value.numel()

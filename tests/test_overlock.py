@@ -1,0 +1,302 @@
+"""OverLoCK backbone: the authors' reference outputs, manifests, loading, training-mode behaviour."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mmoverlock  # noqa: F401  (registration, safe loading)
+from mmoverlock.models.backbones.overlock import OverLoCK
+from mmoverlock.models.classifiers import OverLoCKClassifier
+
+SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'reference'
+FORMS = ('detection', 'segmentation')
+ARCHS = ('xt', 't', 's', 'b')
+#: Published parameter counts (millions) of the ImageNet classifiers, as the paper counts them.
+PUBLISHED_PARAMS = dict(xt=16, t=33, s=56, b=95)
+#: A small arch that runs in milliseconds (same block structure as the released ones).
+TINY = dict(depth=[1, 1, 1, 1], sub_depth=[2, 2], embed_dim=[16, 32, 64, 96],
+            kernel_size=[9, 7, 7, 5], sub_num_heads=[2, 3], mlp_ratio=[4, 4, 4, 4],
+            sub_mlp_ratio=[3, 3])
+
+
+@pytest.fixture(scope='module')
+def reference() -> dict:
+    return torch.load(SHARED / 'overlock_tiny_reference.pt', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def manifest() -> dict:
+    return json.loads((SHARED / 'overlock_state_dict_keys.json').read_text())
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN non-trivial statistics and affine parameters (fresh ones are identities)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model
+
+
+def random_loss(outputs) -> torch.Tensor:
+    """A loss with non-zero gradients through the output LayerNorms (unlike mean or sum of
+    squares, which a LayerNorm makes constant)."""
+    gen = torch.Generator().manual_seed(123)
+    return sum((o * torch.randn(o.shape, generator=gen)).mean() for o in outputs)
+
+
+def shapes(state: dict) -> dict:
+    return {k: list(v.shape) for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Numerical equivalence with the authors' code
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('form', FORMS)
+@pytest.mark.parametrize('deploy', [False, True], ids=['train-form', 'reparameterized'])
+def test_reproduces_reference_outputs(reference: dict, form: str, deploy: bool) -> None:
+    model = OverLoCK(arch=reference['arch'], overview_fusion=form == 'detection').eval()
+    model.load_state_dict(reference[form]['state_dict'], strict=True)
+    if deploy:
+        model.reparameterize()
+    with torch.no_grad():
+        for inputs, expected in zip(reference['inputs'], reference[form]['outputs']):
+            outputs = model(inputs)
+            assert len(outputs) == len(expected) == 4
+            for out, exp in zip(outputs, expected):
+                assert out.shape == exp.shape
+                assert (out - exp).abs().max().item() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# Names and shapes of the released checkpoints
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('arch', ARCHS)
+@pytest.mark.parametrize('form', FORMS + ('classification',))
+def test_state_dict_matches_manifest(manifest: dict, arch: str, form: str) -> None:
+    with torch.device('meta'):
+        if form == 'classification':
+            model = OverLoCKClassifier(arch)
+        else:
+            model = OverLoCK(arch, overview_fusion=form == 'detection')
+    expected = {k: v for k, v in manifest[arch][form]}
+    ours = shapes(model.state_dict())
+    assert list(ours) == list(expected)  # same keys, same order
+    assert ours == expected
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_classifier_parameter_count_matches_paper(arch: str) -> None:
+    # The paper counts the deployed network (re-parameterised, without the auxiliary head).
+    with torch.device('meta'):
+        model = OverLoCKClassifier(arch).reparameterize()
+    count = sum(p.numel() for n, p in model.named_parameters() if not n.startswith('aux_head'))
+    assert abs(count / 1e6 - PUBLISHED_PARAMS[arch]) / PUBLISHED_PARAMS[arch] < 0.03
+
+
+@pytest.mark.parametrize('arch, channels', [('xt', [56, 112, 340, 420]),
+                                            ('t', [64, 128, 384, 640]),
+                                            ('s', [64, 128, 448, 640]),
+                                            ('b', [80, 160, 528, 720])])
+def test_out_channels(arch: str, channels: list) -> None:
+    with torch.device('meta'):
+        assert OverLoCK(arch).out_channels == channels
+
+
+def test_arch_aliases_and_errors() -> None:
+    assert OverLoCK.resolve_arch('tiny') == OverLoCK.resolve_arch('T')
+    with pytest.raises(ValueError, match=r"unknown OverLoCK arch 'huge'.*'b'.*'xt'"):
+        OverLoCK('huge')
+    bad = dict(TINY)
+    del bad['sub_depth']
+    with pytest.raises(ValueError, match='missing keys.*sub_depth'):
+        OverLoCK(bad)
+    with pytest.raises(ValueError, match='out_indices'):
+        OverLoCK(TINY, out_indices=(4,))
+    with pytest.raises(ValueError, match='with_cp'):
+        OverLoCK(TINY, with_cp=[1, 1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Any input size
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('size', [(65, 97), (33, 47), (64, 64), (17, 230)])
+def test_any_input_size(size: tuple) -> None:
+    model = OverLoCK(TINY).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    h, w = size
+    for out, stride, ch in zip(outs, (4, 8, 16, 32), model.out_channels):
+        assert out.shape[1] == ch
+        # 3x3 stride-2 convs with padding 1: ceil division at every step
+        eh, ew = h, w
+        for _ in range({4: 2, 8: 3, 16: 4, 32: 5}[stride]):
+            eh, ew = (eh + 1) // 2, (ew + 1) // 2
+        assert out.shape[-2:] == (eh, ew)
+        assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Re-parameterisation, freezing, checkpointing
+# ------------------------------------------------------------------------------------------------
+def test_reparameterize_keeps_outputs_and_matches_deploy_build() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(OverLoCK(TINY)).eval()
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        before = model(x)
+        deployed = copy.deepcopy(model).reparameterize()
+        after = deployed(x)
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, atol=1e-4)
+    # the converted state dict is exactly the one of a backbone built with deploy=True
+    fresh = OverLoCK(TINY, deploy=True)
+    assert shapes(fresh.state_dict()) == shapes(deployed.state_dict())
+    assert not any('origin_bn' in k or 'dil_conv' in k for k in deployed.state_dict())
+
+
+def test_frozen_stages_and_norm_eval() -> None:
+    model = OverLoCK(TINY, frozen_stages=2, norm_eval=True)
+    model.train()
+    frozen = ('patch_embed1.', 'blocks1.', 'extra_norm.0.', 'patch_embed2.', 'blocks2.',
+              'extra_norm.1.')
+    for name, param in model.named_parameters():
+        assert param.requires_grad == (not name.startswith(frozen)), name
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert not module.training, name
+    # frozen stages stay frozen through a training step
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    random_loss(model(torch.randn(2, 3, 64, 64))).backward()
+    opt.step()
+    after = model.state_dict()
+    for key in before:
+        changed = not torch.equal(before[key], after[key])
+        if key.startswith(frozen) or 'running_' in key or 'num_batches' in key:
+            assert not changed, key
+    assert not torch.equal(before['sub_blocks4.1.ls2.weight'], after['sub_blocks4.1.ls2.weight'])
+
+
+def test_frozen_stages_without_norm_eval_keeps_later_bn_training() -> None:
+    model = OverLoCK(TINY, frozen_stages=1).train()
+    assert not model.patch_embed1[1].training
+    assert model.patch_embed2[1].training
+
+
+def test_with_cp_gives_same_gradients() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for with_cp in (False, True, [1, 0, 1, 0, 2, 1]):
+        torch.manual_seed(1)
+        model = OverLoCK(TINY, with_cp=with_cp).train()
+        model.zero_grad()
+        random_loss(model(x)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for other in grads[1:]:
+        for name, grad in grads[0].items():
+            assert torch.allclose(grad, other[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_drop_path_rates_are_linear_over_all_blocks() -> None:
+    model = OverLoCK(TINY, drop_path_rate=0.3)
+    rates = [b.proj[9].drop_prob if hasattr(b.proj[9], 'drop_prob') else 0.0
+             for name in ('blocks1', 'blocks2', 'blocks3', 'blocks4')
+             for b in getattr(model, name)]
+    rates += [getattr(b.drop_path, 'drop_prob', 0.0)
+              for name in ('sub_blocks3', 'sub_blocks4') for b in getattr(model, name)]
+    expected = [0.3 * i / (len(rates) - 1) for i in range(len(rates))]
+    assert rates == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading checkpoints in the authors' layouts
+# ------------------------------------------------------------------------------------------------
+def imagenet_checkpoint(path: Path, arch, deploy: bool = False, seed: int = 0) -> dict:
+    """A checkpoint in the layout of the authors' ImageNet release (classifier, heads included)."""
+    torch.manual_seed(seed)
+    classifier = OverLoCKClassifier(arch, num_classes=10)
+    if deploy:
+        classifier.reparameterize()
+    state = classifier.state_dict()
+    torch.save({'model': state}, path)
+    return state
+
+
+def init_from(path: Path, **kwargs) -> OverLoCK:
+    model = OverLoCK(TINY, init_cfg=dict(type='Pretrained', checkpoint=str(path)), **kwargs)
+    model.init_weights()
+    return model
+
+
+def test_loads_imagenet_checkpoint_reporting_new_and_ignored_keys(tmp_path: Path) -> None:
+    path = tmp_path / 'overlock_tiny_in1k.pth'
+    state = imagenet_checkpoint(path, TINY)
+    model = OverLoCK(TINY)
+    missing, unexpected = model.load_pretrained(str(path))
+    assert unexpected == []
+    assert sorted(missing) == sorted(
+        [f'extra_norm.{i}.{p}' for i in range(5) for p in ('weight', 'bias')]
+        + ['h_proj.0.weight', 'h_proj.0.bias', 'h_proj.1.weight', 'h_proj.1.bias'])
+    ours = model.state_dict()
+    for key, value in state.items():
+        if not key.startswith(('head.', 'aux_head.')):
+            assert torch.equal(ours[key], value), key
+
+
+def test_loads_reparameterized_checkpoint_into_deploy_form(tmp_path: Path) -> None:
+    path = tmp_path / 'reparam.pth'
+    state = imagenet_checkpoint(path, TINY, deploy=True)
+    model = init_from(path, deploy=True, overview_fusion=False)
+    key = 'blocks1.0.proj.1.lk_origin.bias'
+    assert torch.equal(model.state_dict()[key], state[key])
+    with pytest.raises(ValueError, match='re-parameterised.*deploy=True'):
+        init_from(path)
+
+
+def test_loads_dense_checkpoint_with_backbone_prefix(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    source = randomize_bn(OverLoCK(TINY))
+    state = {'backbone.' + k: v for k, v in source.state_dict().items()}
+    state['neck.lateral_convs.0.conv.weight'] = torch.zeros(1)
+    path = tmp_path / 'coco.pth'
+    torch.save({'state_dict': state, 'meta': {}}, path)
+    model = OverLoCK(TINY, init_cfg=dict(type='Pretrained', checkpoint=str(path),
+                                         prefix='backbone.'))
+    model.init_weights()
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    missing_prefix = OverLoCK(TINY, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(ValueError, match="prefix"):
+        missing_prefix.init_weights()
+
+
+def test_checkpoint_of_another_arch_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / 'xt.pth'
+    with torch.device('meta'):
+        xt = OverLoCKClassifier('xt')
+    torch.save({'model': {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in
+                          xt.state_dict().items()}}, path)
+    with torch.device('meta'):
+        model = OverLoCK('t', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(ValueError, match=r"different OverLoCK arch.*embed_dim.*arch='xt'"):
+        model.load_pretrained(str(path))
+
+
+def test_timm_models_are_registered() -> None:
+    import timm
+    assert {'overlock_xt', 'overlock_t', 'overlock_s', 'overlock_b'} <= set(
+        timm.list_models('overlock_*'))
+    model = timm.create_model('overlock_xt', num_classes=7).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
