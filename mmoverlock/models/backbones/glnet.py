@@ -84,12 +84,13 @@ class GLNet(BaseModule):
             ``depth, embed_dim, mlp_ratios, mixing_modes`` and optionally ``head_dim (32),
             local_dw_ks (5), num_slots (64), slot_init ('ada_avgpool' | 'param'), cpe_ks (3),
             downsample_style ('ovlp' | 'nonovlp'), transition_layout ('proj.norm' | 'norm.proj'),
-            mlp_dw (True), layerscale (0: off), downsample_norm ('bn' | 'ln')``. The released
-            models use BatchNorm2d in the stem and downsampling layers; ``'ln'`` swaps in channel
-            LayerNorms (eps 1e-6), as in the small numerical reference configuration. A stage's mixing is ``'glmix'``,
-            ``'mha_nchw'``, ``'mha'`` (tokens; not combinable with the others inside a stage) or
-            a ``'.'``-joined cycle such as ``'glmix.mha_nchw'`` (even blocks GLMix, odd ones
-            attention).
+            mlp_dw (True), layerscale (0: off), downsample_norm ('bn' | 'ln')``. A stage's
+            mixing is ``'glmix'``, ``'mha_nchw'``, ``'mha'`` (tokens; not combinable with the
+            others inside a stage) or a ``'.'``-joined cycle such as ``'glmix.mha_nchw'`` (even
+            blocks GLMix, odd ones attention). The released models use BatchNorm2d in the stem
+            and downsampling layers; ``downsample_norm='ln'`` swaps in channel LayerNorms (eps
+            1e-6), as in the small numerical reference configuration
+            (shared/reference/glnet_tiny_reference.pt, whose arch dict does not say so).
         out_indices: Which of the four stage outputs to return.
         frozen_stages: Number of leading stages (0-4) to freeze (downsampling layers, blocks and
             output norm); -1 or 0: none.
@@ -295,7 +296,7 @@ class GLNet(BaseModule):
                 for param in module.parameters():
                     param.requires_grad = False
 
-    def train(self, mode: bool = True) -> 'GLNet':
+    def train(self, mode: bool = True) -> GLNet:
         """Set the training mode, keeping frozen stages (and BNs under ``norm_eval``) in eval."""
         super().train(mode)
         self._freeze_stages()
@@ -388,7 +389,7 @@ class GLNet(BaseModule):
         """Arch settings that can be read off a GLNet state dict's keys and shapes."""
         if 'stages.0.blocks.0.norm1.weight' not in state:
             return {}
-        found: 'OrderedDict[str, object]' = OrderedDict()
+        found: OrderedDict[str, object] = OrderedDict()
         if 'downsample_layers.0.0.weight' in state:
             found['downsample_style'] = 'nonovlp'
         elif 'downsample_layers.0.1.weight' in state:

@@ -23,8 +23,9 @@ class MultiheadSelfAttention(nn.Module):
 
     Holds the same parameters as ``nn.MultiheadAttention(dim, num_heads, batch_first=True)``
     (``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``) so that its
-    checkpoints load unchanged, and computes the same function (no dropout), but is faster on CPU in
-    inference (no need for the weights path and its checks).
+    checkpoints load unchanged, and computes the same function (no dropout). On CPU it is as fast
+    as ``nn.MultiheadAttention`` in training and faster in inference on long sequences, where the
+    latter's fused path is about 2x slower (GLNet-4G on an 800x1216 image: 4.6 s vs 6.8 s).
 
     Args:
         dim: Token width.

@@ -1,0 +1,80 @@
+"""Activation recomputation for training: full (``with_cp``) and selective (the default).
+
+Selective recomputation keeps, for the backward pass, only the outputs of the expensive operators
+(dense convolutions and matrix products) and recomputes the cheap ones (depthwise convolutions,
+norms, activations, element-wise arithmetic) from them. For OverLoCK this removes most of the
+activation memory (every re-parameterisable branch and every element-wise intermediate of the 4x
+wide MLPs) for a modest amount of extra compute.
+
+Both modes run a block's forward a second time during backward. BatchNorm layers in training mode
+would then update their running statistics twice; :func:`frozen_bn_stats` keeps the second run
+from touching them, so checkpointed and plain training produce identical statistics.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.utils.checkpoint as cp
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+_aten = torch.ops.aten
+_MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
+
+
+def save_dense_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective-checkpoint policy: save dense conv / matmul outputs, recompute everything else.
+
+    Depthwise (grouped) convolutions are recomputed: they are cheap per output and OverLoCK has
+    many of them (each re-parameterisable block has up to eight parallel branches).
+    """
+    if op is _aten.convolution.default:
+        groups = args[8]
+        return CheckpointPolicy.MUST_SAVE if groups == 1 else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in _MATMULS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """Run BatchNorm layers of ``module`` without updating their running statistics."""
+    saved = []
+    for bn in module.modules():
+        if isinstance(bn, _BatchNorm) and bn.training and bn.track_running_stats:
+            saved.append((bn, bn.momentum, bn.num_batches_tracked.clone()))
+            # momentum 0 keeps running_mean/var; a cumulative average (momentum None) is held by
+            # restoring the counter below, and its 1/n factor is irrelevant with momentum 0.
+            bn.momentum = 0.0
+    try:
+        yield
+    finally:
+        for bn, momentum, tracked in saved:
+            bn.momentum = momentum
+            bn.num_batches_tracked.copy_(tracked)
+
+
+def _contexts(module: nn.Module, selective: bool) -> tuple[Any, Any]:
+    recompute_guard = frozen_bn_stats(module)
+    if not selective:
+        return contextlib.nullcontext(), recompute_guard
+    forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(save_dense_products)
+    return forward_ctx, _entered_together(recompute_guard, recompute_ctx)
+
+
+@contextlib.contextmanager
+def _entered_together(*managers: Any) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for manager in managers:
+            stack.enter_context(manager)
+        yield
+
+
+def checkpoint_module(module: nn.Module, *args: Any, selective: bool = False) -> Any:
+    """Call ``module(*args)`` under full or selective activation checkpointing."""
+    context_fn: Callable = functools.partial(_contexts, module, selective)
+    return cp.checkpoint(module, *args, use_reentrant=False, context_fn=context_fn)
