@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmoverlock.models.layers.dilated_reparam import (DILATED_BRANCHES, DilatedReparamBlock,
-                                                      dilate_kernel, fuse_conv_bn, pad_kernel_to)
+from mmoverlock.models.layers.dilated_reparam import (
+    DILATED_BRANCHES,
+    DilatedReparamBlock,
+    dilate_kernel,
+    fuse_conv_bn,
+    pad_kernel_to,
+)
 
 
 def test_dilate_kernel_is_equivalent_to_dilated_conv() -> None:

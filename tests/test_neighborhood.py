@@ -4,8 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmoverlock.ops import (available_backends, na2d_av_reference, neighborhood_aggregate,
-                            relative_position_bias, window_starts)
+from mmoverlock.ops import (
+    available_backends,
+    na2d_av_reference,
+    neighborhood_aggregate,
+    relative_position_bias,
+    window_starts,
+)
 
 
 def inputs(b: int, g: int, h: int, w: int, c: int, k: int, dtype=torch.float32, seed: int = 0):
@@ -38,6 +43,13 @@ def test_matches_brute_force_loop(h: int, w: int, k: int) -> None:
     attn, value = inputs(2, 3, h, w, 4, k)
     out = neighborhood_aggregate(attn, value, backend='torch')
     assert torch.allclose(out, na2d_av_reference(attn, value), atol=1e-5)
+
+
+def test_unfold_baseline_agrees() -> None:
+    attn, value = inputs(2, 2, 11, 14, 3, 7)
+    expected = neighborhood_aggregate(attn, value, backend='torch')
+    assert torch.allclose(neighborhood_aggregate(attn, value, backend='unfold'), expected,
+                          atol=1e-5)
 
 
 def test_gradients_match_brute_force_loop() -> None:

@@ -1,4 +1,4 @@
-"""OverLoCK backbone: the authors' reference outputs, manifests, loading, training-mode behaviour."""
+"""OverLoCK backbone: reference outputs, manifests, loading, training-mode behaviour."""
 from __future__ import annotations
 
 import copy

@@ -21,6 +21,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ['window_starts', 'window_index', 'bias_index', 'relative_position_bias',
@@ -158,6 +159,19 @@ def _aggregate_torch(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
     return _NeighborhoodAggregate.apply(attn, value, kernel_size)
 
 
+def _aggregate_unfold(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+    """The straightforward route, kept as the benchmark baseline: unfold the values into every
+    interior window, replicate-pad the window grid to the map size, weight and sum. Its memory
+    grows with ``K*K`` times the values; never use it at scale."""
+    b, g, h, w, c = value.shape
+    k = kernel_size
+    planes = value.permute(0, 1, 4, 2, 3).reshape(b, g * c, h, w)
+    windows = F.unfold(planes, k).view(b, g * c * k * k, h - k + 1, w - k + 1)
+    windows = F.pad(windows, [k // 2] * 4, mode='replicate').view(b, g, c, k * k, h, w)
+    out = (windows * attn.permute(0, 1, 4, 2, 3).unsqueeze(2)).sum(3)
+    return out.permute(0, 1, 3, 4, 2)
+
+
 # ----------------------------------------------------------------------------------------------
 # natten backend (optional)
 # ----------------------------------------------------------------------------------------------
@@ -197,9 +211,9 @@ def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if backend == 'auto':
         # natten's CPU kernels are slower than ours; its CUDA kernels are the reason to use it.
         return 'natten' if device.type == 'cuda' and _natten_na2d_av() is not None else 'torch'
-    if backend not in ('torch', 'natten'):
+    if backend not in ('torch', 'natten', 'unfold'):
         raise ValueError(f"unknown neighbourhood-aggregation backend {backend!r}: use 'auto', "
-                         "'torch' or 'natten'")
+                         "'torch', 'natten' or 'unfold' (the slow baseline)")
     return backend
 
 
@@ -209,15 +223,19 @@ def neighborhood_aggregate(attn: Tensor, value: Tensor, backend: Optional[str] =
     Args:
         attn: ``(B, G, H, W, K*K)`` weights, tap ``u * K + v`` (row-major).
         value: ``(B, G, H, W, C)`` values.
-        backend: ``'torch'``, ``'natten'`` or ``'auto'`` (default, or the environment variable
+        backend: ``'torch'``, ``'natten'``, ``'unfold'`` (the memory-hungry baseline of the
+            benchmarks) or ``'auto'`` (default, or the environment variable
             ``MMOVERLOCK_NA_BACKEND``): natten on CUDA when installed, PyTorch otherwise.
 
     Returns:
         ``(B, G, H, W, C)`` tensor.
     """
     k = _check_shapes(attn, value)
-    if _resolve_backend(backend, value.device) == 'natten':
+    backend = _resolve_backend(backend, value.device)
+    if backend == 'natten':
         return _aggregate_natten(attn, value, k)
+    if backend == 'unfold':
+        return _aggregate_unfold(attn, value, k)
     return _aggregate_torch(attn, value, k)
 
 

@@ -318,8 +318,10 @@ class OverLoCK(BaseModule):
             self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
             self._is_init = True
             return
+        # The authors' initialisation covers every parameter; BaseModule.init_weights would only
+        # add a per-parameter report to the log.
         self._init_fresh()
-        super().init_weights()
+        self._is_init = True
 
     @torch.no_grad()
     def _init_fresh(self) -> None:

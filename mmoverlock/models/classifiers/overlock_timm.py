@@ -1,7 +1,7 @@
 """OverLoCK ImageNet classifiers, registered as timm models ``overlock_{xt,t,s,b}``.
 
 The classifier is the backbone without output norms plus the authors' two heads: ``head`` on the
-Focus-Net output and ``aux_head`` on the Overview-Net context (used for the auxiliary training loss).
+Focus-Net output and ``aux_head`` on the Overview-Net context (for the auxiliary training loss).
 ``timm.create_model('overlock_t', checkpoint_path=...)`` loads the authors' ImageNet checkpoints.
 """
 from __future__ import annotations

@@ -1,0 +1,231 @@
+"""Speed and memory of the OverLoCK backbone against the unfold baseline and mmdet's Swin-T.
+
+Every measurement runs in a fresh subprocess (so that its peak RSS is its own) and reports the
+median wall time of ``--runs`` timed repetitions after one warm-up. Implementations:
+
+- ``ours``: mmoverlock as shipped (tap-loop aggregation, selective recomputation in training);
+- ``baseline``: the same network with the aggregation route of the authors' code re-implemented
+  from the spec (values unfolded into every window, window grid replicate-padded:
+  ``backend='unfold'``) and plain autograd (``selective_cp=False``);
+- ``swin``: mmdet's Swin-T backbone, the peer users would otherwise pick.
+
+Modes: ``eval`` (training form), ``deploy`` (re-parameterised), ``train`` (forward + backward of a
+batch). Ours and the baseline start from the same weights; their eval outputs are compared
+(max abs difference) in the same run.
+
+    python benchmarks/backbone.py                       # T: 1x3x512x512 eval, 2x3x512x512 train
+    python benchmarks/backbone.py --archs xt t s b --eval-shapes 512x512 800x1216
+    python benchmarks/backbone.py --plot-sizes 256 384 512 640 768
+
+Writes ``benchmarks/results/backbone.json``, ``.md`` and (with --plot-sizes) ``.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / 'benchmarks' / 'results'
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: one implementation, one mode, one shape, in its own process
+# ------------------------------------------------------------------------------------------------
+def build(impl: str, arch: str, deploy: bool):
+    import torch
+    torch.manual_seed(0)
+    if impl == 'swin':
+        from mmdet.models.backbones import SwinTransformer
+        return SwinTransformer(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                               window_size=7, out_indices=(0, 1, 2, 3))
+    from mmoverlock.models.backbones.overlock import OverLoCK
+    model = OverLoCK(arch, selective_cp=impl == 'ours')
+    model.init_weights()
+    if deploy:
+        model.eval().reparameterize()
+    return model
+
+
+def worker(spec: dict) -> dict:
+    import resource
+
+    import torch
+    if spec['impl'] == 'baseline':
+        os.environ['MMOVERLOCK_NA_BACKEND'] = 'unfold'
+    torch.set_num_threads(spec['threads'])
+    model = build(spec['impl'], spec['arch'], spec['mode'] == 'deploy')
+    batch, (h, w) = spec['batch'], spec['shape']
+    x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
+    times = []
+    if spec['mode'] == 'train':
+        model.train()
+        for _ in range(spec['runs'] + 1):
+            start = time.perf_counter()
+            outs = model(x)
+            sum(o.float().mean() for o in outs).backward()
+            times.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+            del outs
+    else:
+        model.eval()
+        with torch.no_grad():
+            for _ in range(spec['runs'] + 1):
+                start = time.perf_counter()
+                outs = model(x)
+                times.append(time.perf_counter() - start)
+        if spec.get('save'):
+            torch.save([o.contiguous() for o in outs], spec['save'])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    return dict(spec, times=times[1:], median_s=statistics.median(times[1:]), peak_rss=peak)
+
+
+def run_worker(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, '--worker', json.dumps(spec)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f'benchmark worker failed for {spec}:\n{proc.stderr[-3000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------
+def parse_shape(text: str) -> tuple[int, int]:
+    h, _, w = text.partition('x')
+    return int(h), int(w or h)
+
+
+def gb(n: float) -> str:
+    return f'{n / 2**30:.2f} GB'
+
+
+def max_abs_diff(a: str, b: str) -> float:
+    import torch
+    outs_a = torch.load(a, weights_only=True)
+    outs_b = torch.load(b, weights_only=True)
+    return max((x - y).abs().max().item() for x, y in zip(outs_a, outs_b))
+
+
+def measure_pair(arch: str, mode: str, batch: int, shape: tuple[int, int], args,
+                 peers: bool) -> dict:
+    """Ours vs baseline (and Swin-T) for one setting; returns one table row."""
+    row: dict[str, Any] = dict(arch=arch, mode=mode, batch=batch, shape=list(shape))
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {}
+        for impl in ('ours', 'baseline'):
+            spec = dict(impl=impl, arch=arch, mode=mode, batch=batch, shape=shape,
+                        runs=args.runs, threads=args.threads)
+            if mode != 'train':
+                spec['save'] = os.path.join(tmp, f'{impl}.pt')
+            results[impl] = run_worker(spec)
+        if mode != 'train':
+            row['max_abs_diff'] = max_abs_diff(results['ours']['save'],
+                                               results['baseline']['save'])
+    if peers and mode != 'deploy':
+        results['swin'] = run_worker(dict(impl='swin', arch='t', mode=mode, batch=batch,
+                                          shape=shape, runs=args.runs, threads=args.threads))
+    for impl, res in results.items():
+        row[impl] = dict(median_s=res['median_s'], times=res['times'], peak_rss=res['peak_rss'])
+    row['speedup'] = row['baseline']['median_s'] / row['ours']['median_s']
+    row['memory_ratio'] = row['ours']['peak_rss'] / row['baseline']['peak_rss']
+    if 'swin' in row:
+        row['vs_swin'] = row['ours']['median_s'] / row['swin']['median_s']
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"Measured {meta['date']} on {meta['machine']} ({meta['threads']} threads), "
+             f"median of {meta['runs']} runs after one warm-up, peak RSS of a fresh process.",
+             f"Command: `{meta['command']}`", '',
+             '| arch | mode | input | ours | baseline (unfold) | speed-up | ours peak RSS | '
+             'baseline peak RSS | memory ratio | Swin-T | ours / Swin-T | max abs diff |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        swin = r.get('swin')
+        lines.append(
+            f"| {r['arch']} | {r['mode']} | {r['batch']}x3x{r['shape'][0]}x{r['shape'][1]} | "
+            f"{r['ours']['median_s']:.2f} s | {r['baseline']['median_s']:.2f} s | "
+            f"{r['speedup']:.1f}x | {gb(r['ours']['peak_rss'])} | "
+            f"{gb(r['baseline']['peak_rss'])} | {r['memory_ratio']:.2f} | "
+            + (f"{swin['median_s']:.2f} s | {r['vs_swin']:.2f}x | " if swin else '- | - | ')
+            + (f"{r['max_abs_diff']:.1e} |" if 'max_abs_diff' in r else '- |'))
+    return '\n'.join(lines) + '\n'
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = [p['shape'][0] for p in points]
+    for impl, label in (('ours', 'mmoverlock'), ('baseline', 'unfold baseline'),
+                        ('swin', 'Swin-T (mmdet)')):
+        if all(impl in p for p in points):
+            ax.plot(sizes, [p[impl]['median_s'] for p in points], 'o-', label=label)
+    ax.set_xlabel('input size (square)')
+    ax.set_ylabel('eval forward time (s)')
+    ax.set_title(f"OverLoCK-{points[0]['arch'].upper()} backbone, batch 1, CPU")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--worker', help=argparse.SUPPRESS)
+    parser.add_argument('--archs', nargs='+', default=['t'])
+    parser.add_argument('--eval-shapes', nargs='+', default=[(512, 512)], type=parse_shape)
+    parser.add_argument('--train-shape', default='512x512', type=parse_shape)
+    parser.add_argument('--train-batch', type=int, default=2)
+    parser.add_argument('--modes', nargs='+', default=['eval', 'deploy', 'train'])
+    parser.add_argument('--runs', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=os.cpu_count() or 1)
+    parser.add_argument('--no-peers', action='store_true', help='skip Swin-T')
+    parser.add_argument('--plot-sizes', nargs='*', type=int, default=[])
+    parser.add_argument('--out', default=str(RESULTS / 'backbone'))
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    rows = []
+    for arch in args.archs:
+        peers = arch == 't' and not args.no_peers
+        for mode in args.modes:
+            shapes = [args.train_shape] if mode == 'train' else args.eval_shapes
+            for shape in shapes:
+                batch = args.train_batch if mode == 'train' else 1
+                row = measure_pair(arch, mode, batch, shape, args, peers)
+                rows.append(row)
+                print(markdown([row], dict(date='', machine='', threads=args.threads,
+                                           runs=args.runs, command='')).splitlines()[-1],
+                      flush=True)
+    meta = dict(date=time.strftime('%Y-%m-%d'), machine=f'{platform.machine()} '
+                f'{os.cpu_count()} cores', threads=args.threads, runs=args.runs,
+                command='python ' + ' '.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    points = []
+    for size in args.plot_sizes:
+        points.append(measure_pair(args.archs[0], 'eval', 1, (size, size), args,
+                                   peers=not args.no_peers))
+    out.with_suffix('.json').write_text(json.dumps(dict(meta=meta, rows=rows, plot=points),
+                                                   indent=1))
+    out.with_suffix('.md').write_text(markdown(rows, meta))
+    if points:
+        plot(points, out.with_suffix('.png'))
+    print(markdown(rows, meta))
+
+
+if __name__ == '__main__':
+    main()
