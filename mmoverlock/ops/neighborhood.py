@@ -108,50 +108,85 @@ def _check_shapes(attn: Tensor, value: Tensor) -> int:
 # ----------------------------------------------------------------------------------------------
 # Pure-PyTorch backend
 # ----------------------------------------------------------------------------------------------
+class _ColumnWindows:
+    """Column bookkeeping of the clamped windows: for tap column ``v``, output columns split into
+    the interior (window start ``j - K//2``: a shifted slice of the values) and the two borders
+    (window start clamped to ``0`` / ``W - K``: a single value column, broadcast). Every operand is
+    then a view, so no shifted copy of the values is ever made along the columns."""
+
+    def __init__(self, width: int, kernel_size: int) -> None:
+        self.k = kernel_size
+        self.half = kernel_size // 2
+        self.inner = width - kernel_size + 1
+        self.width = width
+
+    def regions(self, v: int):
+        """Yield ``(output columns, value columns)`` slice pairs for tap column ``v``."""
+        half, inner, k, w = self.half, self.inner, self.k, self.width
+        yield slice(half, half + inner), slice(v, v + inner)
+        if half:
+            yield slice(0, half), slice(v, v + 1)
+            yield slice(half + inner, w), slice(w - k + v, w - k + v + 1)
+
+
 class _NeighborhoodAggregate(torch.autograd.Function):
-    """Tap-by-tap aggregation with a hand-written backward (see module docstring)."""
+    """Tap-by-tap aggregation with a hand-written backward (see module docstring).
+
+    Works on planar values ``(B, G, C, H, W)``: one row-gathered copy of the values per tap row,
+    views for every tap column, and per-tap weights ``(B, G, 1, H, W)`` broadcast over channels.
+    """
 
     @staticmethod
     def forward(ctx, attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
-        _, _, height, width, _ = value.shape
-        rows = window_index(height, kernel_size, value.device)
-        cols = window_index(width, kernel_size, value.device)
-        taps = attn.permute(4, 0, 1, 2, 3).unsqueeze(-1)  # (K*K, B, G, H, W, 1)
-        out = torch.zeros_like(value)
-        for u in range(kernel_size):
-            shifted_rows = value.index_select(2, rows[u])
-            for v in range(kernel_size):
-                out.addcmul_(shifted_rows.index_select(3, cols[v]), taps[u * kernel_size + v])
-        ctx.save_for_backward(attn, value)
-        ctx.kernel_size = kernel_size
-        return out
+        k = kernel_size
+        planar = value.permute(0, 1, 4, 2, 3).contiguous()  # free when value is a planar view
+        height, width = planar.shape[-2:]
+        rows = window_index(height, k, value.device)
+        cols = _ColumnWindows(width, k)
+        # tap-major copy of the weights: each tap's map is then contiguous
+        taps = attn.permute(4, 0, 1, 2, 3).contiguous().unsqueeze(3)  # (K*K, B, G, 1, H, W)
+        out = torch.zeros_like(planar)
+        for u in range(k):
+            shifted_rows = planar.index_select(3, rows[u])
+            for v in range(k):
+                tap = taps[u * k + v]
+                for dst, src in cols.regions(v):
+                    out[..., dst].addcmul_(shifted_rows[..., src], tap[..., dst])
+        ctx.save_for_backward(attn, planar)
+        ctx.kernel_size = k
+        return out.permute(0, 1, 3, 4, 2)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        attn, value = ctx.saved_tensors
+        attn, planar = ctx.saved_tensors
         k = ctx.kernel_size
-        _, _, height, width, _ = value.shape
-        rows = window_index(height, k, value.device)
-        cols = window_index(width, k, value.device)
-        grad_out = grad_out.contiguous()
-        grad_attn = grad_value = None
-        taps = attn.permute(4, 0, 1, 2, 3).unsqueeze(-1)
-        if ctx.needs_input_grad[0]:
-            grad_attn = torch.empty_like(attn)
-        if ctx.needs_input_grad[1]:
-            grad_value = torch.zeros_like(value)
+        height, width = planar.shape[-2:]
+        rows = window_index(height, k, planar.device)
+        cols = _ColumnWindows(width, k)
+        grad = grad_out.permute(0, 1, 4, 2, 3).contiguous()  # planar (B, G, C, H, W)
+        taps = attn.permute(4, 0, 1, 2, 3).contiguous().unsqueeze(3)
+        need_attn, need_value = ctx.needs_input_grad[:2]
+        tap_shape = (k * k,) + grad.shape[:2] + grad.shape[3:]  # (K*K, B, G, H, W)
+        grad_taps = attn.new_empty(tap_shape) if need_attn else None
+        grad_planar = torch.zeros_like(planar) if need_value else None
         for u in range(k):
-            shifted_rows = value.index_select(2, rows[u])
-            row_grad = torch.zeros_like(value) if grad_value is not None else None
+            shifted_rows = planar.index_select(3, rows[u])
+            row_grad = torch.zeros_like(planar) if need_value else None
             for v in range(k):
                 t = u * k + v
-                if grad_attn is not None:
-                    shifted = shifted_rows.index_select(3, cols[v])
-                    grad_attn[..., t] = (grad_out * shifted).sum(-1)
-                if row_grad is not None:
-                    row_grad.index_add_(3, cols[v], grad_out * taps[t])
-            if grad_value is not None:
-                grad_value.index_add_(2, rows[u], row_grad)
+                for dst, src in cols.regions(v):
+                    g = grad[..., dst]
+                    if need_attn:
+                        grad_taps[t][..., dst] = (g * shifted_rows[..., src]).sum(2)
+                    if need_value:
+                        contrib = g * taps[t][..., dst]
+                        if contrib.shape[-1] != src.stop - src.start:  # border: one column
+                            contrib = contrib.sum(-1, keepdim=True)
+                        row_grad[..., src] += contrib
+            if need_value:
+                grad_planar.index_add_(3, rows[u], row_grad)
+        grad_attn = grad_taps.permute(1, 2, 3, 4, 0) if need_attn else None
+        grad_value = grad_planar.permute(0, 1, 3, 4, 2) if need_value else None
         return grad_attn, grad_value, None
 
 
