@@ -45,6 +45,16 @@ def test_matches_brute_force_loop(h: int, w: int, k: int) -> None:
     assert torch.allclose(out, na2d_av_reference(attn, value), atol=1e-5)
 
 
+def test_inference_and_training_routes_agree() -> None:
+    # Without gradients small maps take the vectorised (unfold) route; with gradients the tap
+    # loop with its hand-written backward. Both must give the same result.
+    attn, value = inputs(1, 4, 20, 23, 8, 13)
+    with torch.no_grad():
+        inference = neighborhood_aggregate(attn, value)
+    training = neighborhood_aggregate(attn.requires_grad_(), value)
+    assert torch.allclose(inference, training, atol=1e-5)
+
+
 def test_unfold_baseline_agrees() -> None:
     attn, value = inputs(2, 2, 11, 14, 3, 7)
     expected = neighborhood_aggregate(attn, value, backend='torch')

@@ -28,6 +28,8 @@ __all__ = ['window_starts', 'window_index', 'bias_index', 'relative_position_bia
            'neighborhood_aggregate', 'na2d_av_reference', 'available_backends']
 
 BACKEND_ENV = 'MMOVERLOCK_NA_BACKEND'
+#: Below this many unfolded elements (values x K*K), inference unfolds instead of looping.
+SMALL_UNFOLD_ELEMENTS = 1 << 22
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +272,11 @@ def neighborhood_aggregate(attn: Tensor, value: Tensor, backend: Optional[str] =
     if backend == 'natten':
         return _aggregate_natten(attn, value, k)
     if backend == 'unfold':
+        return _aggregate_unfold(attn, value, k)
+    if value.numel() * k * k <= SMALL_UNFOLD_ELEMENTS and not (
+            torch.is_grad_enabled() and (attn.requires_grad or value.requires_grad)):
+        # Small maps at inference: all windows fit in a few MB, and one vectorised pass beats
+        # K*K small operations.
         return _aggregate_unfold(attn, value, k)
     return _aggregate_torch(attn, value, k)
 
