@@ -1,8 +1,8 @@
 """Generators of two tiny data sets for the demo and the tests: coloured shapes on textures.
 
 * :func:`generate_coco_shapes` writes an instance-segmentation set in COCO layout
-  (``annotations/instances_{train,val}.json`` with polygon masks, images under ``train/``, ``val/``),
-  read by mmdet's ``CocoDataset``.
+  (``annotations/instances_{train,val}.json`` with polygon masks, images under ``train/`` and
+  ``val/``), read by mmdet's ``CocoDataset``.
 * :func:`generate_ade_shapes` writes a semantic-segmentation set in ADE20K layout
   (``images/{training,validation}/*.jpg``, ``annotations/{training,validation}/*.png``, label 0
   meaning "ignore", so ``reduce_zero_label=True`` as for ADE20K), read by mmseg's

@@ -17,6 +17,7 @@ When natten 0.17.x is installed it can serve as the backend (``backend='natten'`
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional
 
@@ -99,7 +100,7 @@ def _check_shapes(attn: Tensor, value: Tensor) -> int:
         raise ValueError(f'attn {tuple(attn.shape)} and value {tuple(value.shape)} must agree in '
                          '(B, G, H, W)')
     taps = attn.shape[-1]
-    k = int(round(taps ** 0.5))
+    k = math.isqrt(int(taps))
     if k * k != taps:
         raise ValueError(f'the last axis of attn must be K*K for a square kernel, got {taps}')
     _check_length(value.shape[2], k)

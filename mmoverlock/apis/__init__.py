@@ -1,0 +1,50 @@
+"""Training, testing, checkpoint conversion and the demo, as used by ``tools/``.
+
+Imported explicitly (``import mmoverlock.apis``): it needs mmdet or mmseg, the backbones do not.
+"""
+from .config import (
+                     check_checkpoint_path,
+                     check_data_paths,
+                     check_model_config,
+                     check_pretrained,
+                     ensure_demo_data_for,
+                     library_of,
+                     load_config,
+                     overlock_out_channels,
+                     prepare_config,
+)
+from .convert import (
+                     check_state_dict,
+                     convert_checkpoint,
+                     convert_file,
+                     load_checkpoint_strict,
+                     read_checkpoint,
+)
+from .demo import draw_predictions, run_demo, summarize_metrics
+from .errors import (
+                     CheckpointMismatchError,
+                     CheckpointNotFoundError,
+                     ConfigMismatchError,
+                     ConfigNotFoundError,
+                     DataNotFoundError,
+                     UsageError,
+)
+from .launch import (
+                     build_model,
+                     build_runner,
+                     configure_run,
+                     configure_training,
+                     default_work_dir,
+                     setup_distributed,
+                     unwrap,
+)
+
+__all__ = [
+    'CheckpointMismatchError', 'CheckpointNotFoundError', 'ConfigMismatchError',
+    'ConfigNotFoundError', 'DataNotFoundError', 'UsageError', 'build_model', 'build_runner',
+    'check_checkpoint_path', 'check_data_paths', 'check_model_config', 'check_pretrained',
+    'check_state_dict', 'configure_run', 'configure_training', 'convert_checkpoint',
+    'convert_file', 'default_work_dir', 'draw_predictions', 'ensure_demo_data_for', 'library_of',
+    'load_checkpoint_strict', 'load_config', 'overlock_out_channels', 'prepare_config',
+    'read_checkpoint', 'run_demo', 'setup_distributed', 'summarize_metrics', 'unwrap',
+]

@@ -1,0 +1,22 @@
+"""Shared command-line plumbing of the tools (argument types, error reporting)."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from mmoverlock.apis.errors import UsageError
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run ``main``; report a :class:`UsageError` as one line on stderr and exit with status 2."""
+    try:
+        main()
+    except UsageError as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
+
+
+def set_local_rank(local_rank: int) -> None:
+    """Export ``--local_rank`` (passed by ``torch.distributed.launch``) for mmengine."""
+    os.environ.setdefault('LOCAL_RANK', str(local_rank))
