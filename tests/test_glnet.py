@@ -229,7 +229,7 @@ def test_checkpointing_gives_same_gradients(arch: dict) -> None:
     grads = {}
     for with_cp in (False, True, [1, 0, 2, 1]):
         model = copy.deepcopy(plain)
-        model.cp_counts = model._resolve_with_cp(with_cp, model.arch_settings['depth'])
+        model.cp_counts = model.checkpoint_counts(with_cp, model.arch_settings['depth'], 'abcd')
         x = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(1))
         random_loss(model(x)).backward()
         grads[str(with_cp)] = {n: p.grad.clone() for n, p in model.named_parameters()}

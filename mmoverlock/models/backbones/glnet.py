@@ -13,14 +13,13 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 import torch.utils.checkpoint as cp
 from mmengine.logging import MMLogger
-from mmengine.model import BaseModule
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import register_model
 from ..layers.glnet_blocks import SLOT_INITS, GLNetStage, build_glnet_block
 from ..utils.pretrained import STATE_DICT_KEYS, drop_keys, load_and_report, read_state_dict
+from .base import DenseBackbone
 
 #: Keys of the ImageNet classifier that the backbone does not have.
 CLASSIFIER_PREFIXES = ('head.', 'norm.')
@@ -72,7 +71,7 @@ def _g(embed_dim: list, **extra) -> dict:
 
 
 @register_model
-class GLNet(BaseModule):
+class GLNet(DenseBackbone):
     """GLNet backbone for dense prediction: four outputs at strides 4, 8, 16, 32.
 
     ``out_channels`` equals the arch's ``embed_dim`` (e.g. ``[64, 128, 256, 512]`` for ``'4g'``).
@@ -130,13 +129,13 @@ class GLNet(BaseModule):
         a = self.arch_settings
         dims, depth = a['embed_dim'], a['depth']
         self.out_channels = list(dims)
-        self.out_indices = self._check_out_indices(out_indices)
+        self.out_indices = self.check_out_indices(out_indices)
         if not -1 <= frozen_stages <= 4:
             raise ValueError(f'frozen_stages must be in [-1, 4], got {frozen_stages}')
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_out_norms = with_out_norms
-        self.cp_counts = self._resolve_with_cp(with_cp, depth)
+        self.cp_counts = self.checkpoint_counts(with_cp, depth, [f'stage {i}' for i in range(4)])
 
         self.downsample_layers = nn.ModuleList(
             [self._stem(dims[0], a['downsample_style'], a['downsample_norm'])]
@@ -233,25 +232,6 @@ class GLNet(BaseModule):
             return nn.Sequential(build_downsample_norm(norm, in_dim), conv)
         return nn.Sequential(conv, build_downsample_norm(norm, out_dim))
 
-    @staticmethod
-    def _check_out_indices(out_indices: Union[int, Sequence[int]]) -> tuple[int, ...]:
-        if isinstance(out_indices, int):
-            out_indices = [out_indices]
-        out = tuple(i % 4 if -4 <= i < 0 else i for i in out_indices)
-        if not out or any(i not in range(4) for i in out):
-            raise ValueError(f'out_indices must be a non-empty subset of 0..3, got {out_indices}')
-        return out
-
-    @staticmethod
-    def _resolve_with_cp(with_cp: Union[bool, Sequence[int]], depth: list[int]) -> list[int]:
-        if isinstance(with_cp, bool):
-            return list(depth) if with_cp else [0] * 4
-        counts = list(with_cp)
-        if len(counts) != 4 or any(not 0 <= n <= d for n, d in zip(counts, depth)):
-            raise ValueError(f'with_cp must be a bool or 4 per-stage block counts within '
-                             f'{depth}, got {with_cp}')
-        return counts
-
     # ------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------
@@ -289,36 +269,9 @@ class GLNet(BaseModule):
             modules.append(self.out_norms[str(stage)])
         return modules
 
-    def _freeze_stages(self) -> None:
-        for stage in range(max(self.frozen_stages, 0)):
-            for module in self._stage_modules(stage):
-                module.eval()
-                for param in module.parameters():
-                    param.requires_grad = False
-
-    def train(self, mode: bool = True) -> GLNet:
-        """Set the training mode, keeping frozen stages (and BNs under ``norm_eval``) in eval."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-        return self
-
     # ------------------------------------------------------------------------------------------
     # Weights
     # ------------------------------------------------------------------------------------------
-    def init_weights(self) -> None:
-        """Load ``init_cfg``'s checkpoint if it is ``Pretrained``, else initialise afresh."""
-        cfg = self.init_cfg if isinstance(self.init_cfg, dict) else None
-        if cfg is not None and cfg.get('type') == 'Pretrained':
-            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
-            self._is_init = True
-            return
-        self._init_fresh()
-        super().init_weights()
-
     @torch.no_grad()
     def _init_fresh(self) -> None:
         """The authors' initialisation: truncated-normal Linears, unit LayerNorms, default convs."""

@@ -10,7 +10,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from mmengine.model import BaseModule
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -21,6 +20,7 @@ from ..layers.dilated_reparam import DilatedReparamBlock
 from ..layers.overlock_blocks import DynamicConvBlock, RepConvBlock
 from ..utils.pretrained import drop_keys, load_and_report, read_state_dict
 from ..utils.recompute import checkpoint_module
+from .base import DenseBackbone
 
 #: Block lists in forward (and drop-path) order; ``with_cp`` counts follow it too.
 BLOCK_LISTS = ('blocks1', 'blocks2', 'blocks3', 'blocks4', 'sub_blocks3', 'sub_blocks4')
@@ -61,7 +61,7 @@ class FocusDownsample(nn.Module):
 
 
 @register_model
-class OverLoCK(BaseModule):
+class OverLoCK(DenseBackbone):
     """OverLoCK backbone for dense prediction (Base-Net, Overview-Net and Focus-Net).
 
     Outputs four maps at strides 4, 8, 16, 32 with ``out_channels`` =
@@ -135,7 +135,7 @@ class OverLoCK(BaseModule):
         self.overview_fusion = overview_fusion and with_out_norms
         self.with_out_norms = with_out_norms
         self.out_channels = [dims[0], dims[1], dims[2] + ctx_dim, dims[3] + ctx_dim]
-        self.out_indices = self._check_out_indices(out_indices)
+        self.out_indices = self.check_out_indices(out_indices)
         if not -1 <= frozen_stages <= 4:
             raise ValueError(f'frozen_stages must be in [-1, 4], got {frozen_stages}')
         self.frozen_stages = frozen_stages
@@ -145,7 +145,7 @@ class OverLoCK(BaseModule):
 
         depth, sub_depth = list(a['depth']), list(a['sub_depth'])
         counts = depth + sub_depth
-        self.cp_counts = self._resolve_with_cp(with_cp, counts)
+        self.cp_counts = self.checkpoint_counts(with_cp, counts, BLOCK_LISTS)
         rates = drop_path_rates(drop_path_rate, sum(counts))
         starts = [sum(counts[:i]) for i in range(len(counts))]
 
@@ -209,25 +209,6 @@ class OverLoCK(BaseModule):
             if len(arch[key]) != n:
                 raise ValueError(f'custom OverLoCK arch: {key} needs {n} values, got {arch[key]}')
         return {k: list(v) for k, v in arch.items()}
-
-    @staticmethod
-    def _check_out_indices(out_indices: Sequence[int]) -> tuple[int, ...]:
-        if isinstance(out_indices, int):
-            out_indices = [out_indices]
-        out = tuple(i % 4 if -4 <= i < 0 else i for i in out_indices)
-        if not out or any(i not in range(4) for i in out):
-            raise ValueError(f'out_indices must be a non-empty subset of 0..3, got {out_indices}')
-        return out
-
-    @staticmethod
-    def _resolve_with_cp(with_cp: Union[bool, Sequence[int]], counts: list[int]) -> list[int]:
-        if isinstance(with_cp, bool):
-            return list(counts) if with_cp else [0] * len(counts)
-        with_cp = list(with_cp)
-        if len(with_cp) != len(counts) or any(not 0 <= n <= c for n, c in zip(with_cp, counts)):
-            raise ValueError(f'with_cp must be a bool or {len(counts)} block counts (for '
-                             f'{", ".join(BLOCK_LISTS)}) each within {counts}, got {with_cp}')
-        return with_cp
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -293,36 +274,9 @@ class OverLoCK(BaseModule):
                 modules.append(module)
         return modules
 
-    def _freeze_stages(self) -> None:
-        for stage in range(max(self.frozen_stages, 0)):
-            for module in self._stage_modules(stage):
-                module.eval()
-                for param in module.parameters():
-                    param.requires_grad = False
-
-    def train(self, mode: bool = True) -> OverLoCK:
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-        return self
-
     # ------------------------------------------------------------------------------------------
     # Weights
     # ------------------------------------------------------------------------------------------
-    def init_weights(self) -> None:
-        cfg = self.init_cfg if isinstance(self.init_cfg, dict) else None
-        if cfg is not None and cfg.get('type') == 'Pretrained':
-            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
-            self._is_init = True
-            return
-        # The authors' initialisation covers every parameter; BaseModule.init_weights would only
-        # add a per-parameter report to the log.
-        self._init_fresh()
-        self._is_init = True
-
     @torch.no_grad()
     def _init_fresh(self) -> None:
         for module in self.modules():
