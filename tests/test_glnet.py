@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from backbone_testing import random_loss, randomize_bn
 from torch import nn
 
 import mmoverlock  # noqa: F401  (registration, safe loading)
@@ -40,25 +41,6 @@ def reference() -> dict:
 @pytest.fixture(scope='module')
 def manifest() -> dict:
     return json.loads((SHARED / 'glnet_state_dict_keys.json').read_text())
-
-
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters (fresh ones are identities)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model
-
-
-def random_loss(outputs) -> torch.Tensor:
-    """A loss with non-zero gradients through the output LayerNorms."""
-    gen = torch.Generator().manual_seed(123)
-    return sum((o * torch.randn(o.shape, generator=gen)).mean() for o in outputs)
 
 
 def shapes(state: dict) -> list:
@@ -133,7 +115,7 @@ def test_unknown_arch_lists_valid_names() -> None:
 # ------------------------------------------------------------------------------------------------
 def authors_checkpoint(arch: dict, seed: int = 0) -> dict:
     torch.manual_seed(seed)
-    return randomize_norms(GLNetClassifier(arch), seed).state_dict()
+    return randomize_bn(GLNetClassifier(arch), seed).state_dict()
 
 
 @pytest.mark.parametrize('arch', [TINY_G, TINY_STL], ids=['4g-like', 'stl-like'])
@@ -164,7 +146,7 @@ def test_16g_prefers_the_ema_weights(tmp_path: Path) -> None:
 
 
 def test_own_checkpoint_with_prefix_loads_everything(tmp_path: Path) -> None:
-    model = randomize_norms(GLNet(TINY_G))
+    model = randomize_bn(GLNet(TINY_G))
     path = tmp_path / 'det.pth'
     torch.save({'state_dict': {f'backbone.{k}': v for k, v in model.state_dict().items()}}, path)
     other = GLNet(TINY_G, out_indices=(2, 3))
@@ -197,7 +179,7 @@ def test_wrong_arch_checkpoint_is_refused(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 def test_frozen_stages_and_norm_eval() -> None:
     torch.manual_seed(0)
-    model = randomize_norms(GLNet(TINY_G, frozen_stages=2, norm_eval=True))
+    model = randomize_bn(GLNet(TINY_G, frozen_stages=2, norm_eval=True))
     model.train()
     frozen = [model.downsample_layers[0], model.stages[0], model.out_norms['0'],
               model.downsample_layers[1], model.stages[1], model.out_norms['1']]
@@ -225,7 +207,7 @@ def test_frozen_stages_and_norm_eval() -> None:
 @pytest.mark.parametrize('arch', [TINY_G, TINY_STL], ids=['4g-like', 'stl-like'])
 def test_checkpointing_gives_same_gradients(arch: dict) -> None:
     torch.manual_seed(0)
-    plain = randomize_norms(GLNet(arch)).train()
+    plain = randomize_bn(GLNet(arch)).train()
     grads = {}
     for with_cp in (False, True, [1, 0, 2, 1]):
         model = copy.deepcopy(plain)
