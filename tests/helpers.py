@@ -57,6 +57,7 @@ def tiny_det_options(data_root: str, max_iters: int = 2) -> dict:
         'model.rpn_head.in_channels': WIDTH, 'model.rpn_head.feat_channels': WIDTH,
         'model.roi_head.bbox_roi_extractor.out_channels': WIDTH,
         'model.roi_head.bbox_head.in_channels': WIDTH,
+        'model.roi_head.bbox_head.conv_out_channels': WIDTH,
         'model.roi_head.bbox_head.fc_out_channels': 2 * WIDTH,
         'model.roi_head.mask_roi_extractor.out_channels': WIDTH,
         'model.roi_head.mask_head.in_channels': WIDTH,
@@ -97,6 +98,22 @@ def write_tiny_config(directory: Path, task: str, data_root: str, max_iters: int
     cfg.model.backbone.arch = TINY_ARCH  # a dict replacing a name: not mergeable
     cfg.merge_from_dict({**options, **(extra or {})})
     path = directory / f'tiny_{task}.py'
+    cfg.dump(str(path))
+    return str(path)
+
+
+def write_tiny_arch_config(directory: Path, config: str) -> str:
+    """``config`` (a path under configs/) with the tiny backbone arch and no pretrained weights,
+    everything else as it is; written to ``directory``. Returns its path."""
+    cfg = Config.fromfile(str(REPO / config))
+    cfg.model.backbone.arch = TINY_ARCH
+    cfg.model.backbone.init_cfg = None
+    if 'neck' in cfg.model:
+        cfg.model.neck.in_channels = TINY_OUT
+    else:
+        cfg.model.decode_head.in_channels = TINY_OUT
+        cfg.model.auxiliary_head.in_channels = TINY_OUT[2]
+    path = directory / f'tiny_arch_{Path(config).name}'
     cfg.dump(str(path))
     return str(path)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, load_tool
+from helpers import REPO, load_tool, write_tiny_arch_config
 
 from mmoverlock.apis import (
     CheckpointMismatchError,
@@ -133,24 +133,25 @@ def test_authors_layout_is_our_layout(case: str, reference_keys: dict) -> None:
 def _their_checkpoint(model, kind: str, library: str, classes: tuple, path: Path) -> Path:
     """Write ``model``'s weights as the authors' file would hold them."""
     ours = model.state_dict()
-    heads = legacy_head_keys(kind, mask_convs=1 if kind != 'upernet' else 4)
+    heads = legacy_head_keys(kind)
     legacy = OrderedDict((k, v.clone()) for k, v in ours.items() if k.startswith('backbone.'))
     legacy.update((k, ours[k].clone()) for k in heads)  # KeyError if a 2.x name were gone
     torch.save(legacy_checkpoint(legacy, library, classes), path)
     return path
 
 
-def test_mmdet2_checkpoint_converts_and_loads_strictly(tiny_det_config: str,
-                                                       tmp_path: Path) -> None:
-    cfg = load_config(tiny_det_config)
+def test_mmdet2_checkpoint_converts_and_loads_strictly(tmp_path: Path) -> None:
+    # the COCO Mask R-CNN config, with a tiny backbone arch to keep the file small
+    config = write_tiny_arch_config(tmp_path, 'configs/detection/maskrcnn_overlock_xt_1x.py')
+    cfg = load_config(config)
     source = build_model(cfg)
     source.init_weights()
-    classes = ('circle', 'square', 'triangle')
+    from mmdet.datasets import CocoDataset
+    classes = CocoDataset.METAINFO['classes']
     theirs = _their_checkpoint(source, 'mask_rcnn', 'mmdet', classes, tmp_path / 'theirs.pth')
 
     converted = tmp_path / 'converted.pth'
-    load_tool('convert_checkpoint').main([str(theirs), str(converted),
-                                          '--config', tiny_det_config])
+    load_tool('convert_checkpoint').main([str(theirs), str(converted), '--config', config])
     result = torch.load(converted, map_location='cpu', weights_only=True)
     assert set(result) == {'meta', 'state_dict'}  # mmcv-1 optimizer state dropped
     assert result['meta']['dataset_meta'] == {'classes': classes}
@@ -185,9 +186,9 @@ def test_ddp_prefixed_bare_state_dict_loads(tiny_seg_config: str, tmp_path: Path
     load_checkpoint_strict(build_model(load_config(tiny_seg_config)), str(path))
 
 
-def test_wrong_task_or_form_is_refused(tiny_det_config: str, tiny_seg_config: str,
-                                       tmp_path: Path) -> None:
-    det = build_model(load_config(tiny_det_config))
+def test_wrong_task_or_form_is_refused(tiny_seg_config: str, tmp_path: Path) -> None:
+    det_config = write_tiny_arch_config(tmp_path, 'configs/detection/maskrcnn_overlock_xt_1x.py')
+    det = build_model(load_config(det_config))
     seg = build_model(load_config(tiny_seg_config))
     det_file, seg_file = tmp_path / 'det.pth', tmp_path / 'seg.pth'
     torch.save({'state_dict': det.state_dict()}, det_file)
@@ -199,8 +200,8 @@ def test_wrong_task_or_form_is_refused(tiny_det_config: str, tiny_seg_config: st
     with pytest.raises(CheckpointMismatchError, match='segmentation form'):
         load_checkpoint_strict(det, str(seg_file))
     # a head with other class counts: named, with the hint
-    cfg = load_config(tiny_det_config)
-    cfg.model.roi_head.bbox_head.num_classes = 80
-    cfg.model.roi_head.mask_head.num_classes = 80
+    cfg = load_config(det_config)
+    cfg.model.roi_head.bbox_head.num_classes = 3
+    cfg.model.roi_head.mask_head.num_classes = 3
     with pytest.raises(CheckpointMismatchError, match='num_classes'):
         load_checkpoint_strict(build_model(cfg), str(det_file))

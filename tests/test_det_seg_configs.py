@@ -70,8 +70,13 @@ def test_config_builds_with_matching_widths(path: str) -> None:
         assert model.auxiliary_head.in_channels == widths[2]
     if path in OVERLOCK_CONFIGS:
         assert widths == ARCH_WIDTHS[_arch(path)]
-        # detection form for COCO (the authors' COCO checkpoints), segmentation form for ADE20K
-        assert model.backbone.overview_fusion is (cfg.default_scope == 'mmdet')
+        if path.endswith('maskrcnn_overlock_xt_demo.py'):  # from scratch: no output norms
+            assert not model.backbone.with_out_norms and not model.backbone.overview_fusion
+        else:
+            # detection form for COCO (the authors' COCO checkpoints), segmentation form for
+            # ADE20K (their ADE20K checkpoints)
+            assert model.backbone.with_out_norms
+            assert model.backbone.overview_fusion is (cfg.default_scope == 'mmdet')
 
 
 @pytest.mark.parametrize('path', [p for p in OVERLOCK_CONFIGS if 'demo' not in p], ids=_rel)

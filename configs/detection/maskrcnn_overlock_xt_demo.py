@@ -1,27 +1,37 @@
 # Demo: Mask R-CNN + OverLoCK-XT trained from scratch on CPU on the built-in shapes set (COCO
 # format, 128x128 images; `python tools/demo.py` generates it, or
 # `python -c "from mmoverlock.datasets import generate_coco_shapes; generate_coco_shapes()"`).
-# Lighter than the COCO recipe where CPU time matters: no pretrained weights, no drop path,
-# 128-channel FPN and heads, fewer proposals and RoI samples (half of them positive), batch 2,
-# iteration-based schedule with linear decay.
+# Lighter than the COCO recipe where CPU time matters: no ImageNet weights, no drop path,
+# 128-channel FPN and heads with GroupNorm (mmdet's recipe for training from scratch), fewer
+# proposals and RoI samples (half of them positive), batch 2, 300 iterations with linear decay.
+# The backbone is built without its output LayerNorms (with_out_norms=False, hence no overview
+# fusion): with them, none of the settings tried here got the RoI heads to learn in 300 iterations
+# (box AP50 <= 0.11, from scratch or from the segmentation demo's backbone, with or without
+# GroupNorm heads); without them box AP50 reaches 1.0. The COCO configs keep them, as the authors'
+# checkpoints have them.
 _base_ = ['./maskrcnn_overlock_xt_1x.py']
 
 data_root = 'data/demo/coco_shapes/'
 metainfo = dict(classes=('circle', 'square', 'triangle'),
                 palette=[(220, 60, 50), (60, 190, 70), (60, 90, 220)])
 img_scale = (128, 128)
-max_iters = 400
+max_iters = 300
 
 width = 128
+# As mmdet's recipe for training from scratch (configs/scratch): GroupNorm in the FPN and the
+# RoI heads, whose convolutions otherwise grow out of scale under AdamW.
+norm_cfg = dict(type='GN', num_groups=32, requires_grad=True)
 model = dict(
-    backbone=dict(drop_path_rate=0.0, init_cfg=None),
-    neck=dict(out_channels=width),
+    backbone=dict(drop_path_rate=0.0, with_out_norms=False, init_cfg=None),
+    neck=dict(out_channels=width, norm_cfg=norm_cfg),
     rpn_head=dict(in_channels=width, feat_channels=width),
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=width),
-        bbox_head=dict(in_channels=width, fc_out_channels=2 * width, num_classes=3),
+        bbox_head=dict(type='Shared4Conv1FCBBoxHead', in_channels=width, conv_out_channels=width,
+                       fc_out_channels=2 * width, norm_cfg=norm_cfg, num_classes=3),
         mask_roi_extractor=dict(out_channels=width),
-        mask_head=dict(in_channels=width, conv_out_channels=width, num_classes=3)),
+        mask_head=dict(in_channels=width, conv_out_channels=width, norm_cfg=norm_cfg,
+                       num_classes=3)),
     train_cfg=dict(rpn_proposal=dict(nms_pre=1000, max_per_img=200),
                    rcnn=dict(sampler=dict(num=64, pos_fraction=0.5))),
     test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=100), rcnn=dict(max_per_img=20)))
@@ -57,12 +67,7 @@ test_evaluator = val_evaluator
 
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
                  val_interval=max_iters)
-# From scratch the backbone (normalised everywhere) takes lr 1e-3; the FPN and the heads, which
-# have no normalisation layers, get a fifth of it (at 1e-3 their classifiers did not learn).
-optim_wrapper = dict(
-    optimizer=dict(lr=1e-3),
-    paramwise_cfg=dict(custom_keys={k: dict(lr_mult=0.2)
-                                    for k in ('neck', 'rpn_head', 'roi_head')}))
+optim_wrapper = dict(optimizer=dict(lr=5e-4))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
     dict(type='PolyLR', eta_min=0.0, power=1.0, begin=50, end=max_iters, by_epoch=False),

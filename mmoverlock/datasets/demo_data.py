@@ -40,19 +40,25 @@ _BASE_COLOURS = np.array([(215, 55, 45), (55, 185, 65), (55, 85, 215)], dtype=np
 _SPLITS = {'train': 0, 'val': 1}
 _SHIFT = 4  # sub-pixel bits for cv2.fillPoly
 _MARKER = 'demo_data.json'
+_VERSION = 2  # of the drawing code: a data set of another version is rewritten
 
 PathLike = Union[str, Path]
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A smooth random background of shape (size, size, 3), float RGB in [0, 255]."""
-    base = rng.uniform(70, 190, size=3)
-    coarse = rng.normal(0, 28, size=(6, 6, 3)).astype(np.float32)
+    """A smooth random background of shape (size, size, 3), float RGB in [0, 255].
+
+    Mostly brightness variation (low-frequency noise, faint stripes) on a weakly tinted grey, so
+    that the shapes' hues stand out while the texture still has to be ignored.
+    """
+    base = rng.uniform(80, 170) + rng.uniform(-12, 12, size=3)
+    coarse = rng.normal(0, 1, size=(6, 6, 4)).astype(np.float32)
     noise = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    brightness = 25 * noise[..., :1] + 6 * noise[..., 1:]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     angle, period = rng.uniform(0, math.pi), rng.uniform(6, 18)
     stripes = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
-    img = base + noise + (rng.uniform(6, 16) * stripes)[..., None]
+    img = base + brightness + (rng.uniform(6, 16) * stripes)[..., None]
     return img + rng.normal(0, 4, size=img.shape)
 
 
@@ -141,7 +147,8 @@ def generate_coco_shapes(root: PathLike = DEMO_COCO_ROOT, num_train: int = 64, n
     ``force``).
     """
     root = Path(root)
-    params = dict(kind='coco_shapes', num_train=num_train, num_val=num_val, size=size, seed=seed)
+    params = dict(kind='coco_shapes', version=_VERSION, num_train=num_train, num_val=num_val,
+                  size=size, seed=seed)
     if not force and _is_current(root, params):
         return root
     (root / 'annotations').mkdir(parents=True, exist_ok=True)
@@ -175,7 +182,8 @@ def generate_ade_shapes(root: PathLike = DEMO_SEG_ROOT, num_train: int = 64, num
     ``reduce_zero_label=True`` they become classes 0..3 of :data:`DEMO_SEG_CLASSES`).
     """
     root = Path(root)
-    params = dict(kind='ade_shapes', num_train=num_train, num_val=num_val, size=size, seed=seed)
+    params = dict(kind='ade_shapes', version=_VERSION, num_train=num_train, num_val=num_val,
+                  size=size, seed=seed)
     if not force and _is_current(root, params):
         return root
     for split, folder, count in (('train', 'training', num_train),
