@@ -3,10 +3,12 @@
 Every measurement runs in a fresh subprocess (so that its peak RSS is its own) and reports the
 median wall time of ``--runs`` timed repetitions after one warm-up. Implementations:
 
-- ``ours``: mmoverlock as shipped (tap-loop aggregation, selective recomputation in training);
-- ``baseline``: the same network with the aggregation route of the authors' code re-implemented
-  from the spec (values unfolded into every window, window grid replicate-padded:
-  ``backend='unfold'``) and plain autograd (``selective_cp=False``);
+- ``ours``: mmoverlock as shipped (channels-last layout, tap-loop aggregation, FFT weight
+  gradient of the large depthwise kernels, selective recomputation in training);
+- ``baseline``: the same network run as the authors' code runs it: the aggregation route
+  re-implemented from the spec (values unfolded into every window, window grid replicate-padded:
+  ``backend='unfold'``), the ordinary contiguous (NCHW) layout, PyTorch's own convolution backward
+  and plain autograd (``selective_cp=False``);
 - ``swin``: mmdet's Swin-T backbone, the peer users would otherwise pick.
 
 Modes: ``eval`` (training form), ``deploy`` (re-parameterised), ``train`` (forward + backward of a
@@ -48,7 +50,11 @@ def build(impl: str, arch: str, deploy: bool):
         return SwinTransformer(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                                window_size=7, out_indices=(0, 1, 2, 3))
     from mmoverlock.models.backbones.overlock import OverLoCK
-    model = OverLoCK(arch, selective_cp=impl == 'ours')
+    ours = impl == 'ours'
+    if not ours:  # PyTorch's own depthwise backward for every kernel size
+        from mmoverlock.ops import depthwise_conv
+        depthwise_conv.FFT_MIN_KERNEL = sys.maxsize
+    model = OverLoCK(arch, selective_cp=ours, channels_last=ours)
     model.init_weights()
     if deploy:
         model.eval().reparameterize()

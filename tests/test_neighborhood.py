@@ -11,6 +11,7 @@ from mmoverlock.ops import (
     relative_position_bias,
     window_starts,
 )
+from mmoverlock.ops.neighborhood import BANDED_MAX_WIDTH_RATIO
 
 
 def inputs(b: int, g: int, h: int, w: int, c: int, k: int, dtype=torch.float32, seed: int = 0):
@@ -38,21 +39,27 @@ def test_corner_pixel_uses_the_shifted_window_not_padding() -> None:
     assert out[0, 0, 5, 5, 0] == value[0, 0, 3, 3, 0]  # far corner: window starts at H - K
 
 
+ROUTES = ['banded', 'taps']  # the two routes of backend='torch'
+
+
+@pytest.mark.parametrize('route', ROUTES)
 @pytest.mark.parametrize('h, w, k', [(5, 5, 5), (7, 12, 5), (13, 9, 7), (8, 8, 3), (14, 18, 13)])
-def test_matches_brute_force_loop(h: int, w: int, k: int) -> None:
+def test_matches_brute_force_loop(h: int, w: int, k: int, route: str) -> None:
     attn, value = inputs(2, 3, h, w, 4, k)
-    out = neighborhood_aggregate(attn, value, backend='torch')
+    out = neighborhood_aggregate(attn, value, backend=route)
     assert torch.allclose(out, na2d_av_reference(attn, value), atol=1e-5)
 
 
-def test_inference_and_training_routes_agree() -> None:
-    # Without gradients small maps take the vectorised (unfold) route; with gradients the tap
-    # loop with its hand-written backward. Both must give the same result.
-    attn, value = inputs(1, 4, 20, 23, 8, 13)
-    with torch.no_grad():
-        inference = neighborhood_aggregate(attn, value)
-    training = neighborhood_aggregate(attn.requires_grad_(), value)
-    assert torch.allclose(inference, training, atol=1e-5)
+def test_torch_backend_picks_the_route_by_width() -> None:
+    # banded while W <= BANDED_MAX_WIDTH_RATIO * K, the tap loop (hand-written backward) beyond
+    k = 3
+    narrow = inputs(1, 2, 9, BANDED_MAX_WIDTH_RATIO * k, 2, k)
+    wide = inputs(1, 2, 9, BANDED_MAX_WIDTH_RATIO * k + 1, 2, k)
+    for (attn, value), route in ((narrow, 'banded'), (wide, 'taps')):
+        attn.requires_grad_(True)
+        out = neighborhood_aggregate(attn, value, backend='torch')
+        assert ('_NeighborhoodAggregate' in type(out.grad_fn).__name__) is (route == 'taps')
+        assert torch.allclose(out, neighborhood_aggregate(attn, value, backend=route))
 
 
 def test_unfold_baseline_agrees() -> None:
@@ -62,32 +69,35 @@ def test_unfold_baseline_agrees() -> None:
                           atol=1e-5)
 
 
-def test_gradients_match_brute_force_loop() -> None:
+@pytest.mark.parametrize('route', ROUTES)
+def test_gradients_match_brute_force_loop(route: str) -> None:
     attn, value = inputs(1, 2, 9, 11, 3, 5, dtype=torch.float64)
     attn.requires_grad_(True)
     value.requires_grad_(True)
     grad = torch.randn(1, 2, 9, 11, 3, dtype=torch.float64)
-    ours = torch.autograd.grad(neighborhood_aggregate(attn, value, backend='torch'),
+    ours = torch.autograd.grad(neighborhood_aggregate(attn, value, backend=route),
                                (attn, value), grad)
     ref = torch.autograd.grad(na2d_av_reference(attn, value), (attn, value), grad)
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, atol=1e-10)
 
 
-def test_gradcheck_float64() -> None:
+@pytest.mark.parametrize('route', ROUTES)
+def test_gradcheck_float64(route: str) -> None:
     attn, value = inputs(1, 2, 6, 7, 2, 3, dtype=torch.float64)
     attn.requires_grad_(True)
     value.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, v: neighborhood_aggregate(a, v, backend='torch'), (attn, value))
+        lambda a, v: neighborhood_aggregate(a, v, backend=route), (attn, value))
 
 
+@pytest.mark.parametrize('route', ROUTES)
 @pytest.mark.parametrize('h, w, k', [(9, 10, 5), (14, 18, 13), (7, 7, 7)])
-def test_agrees_with_natten(h: int, w: int, k: int) -> None:
+def test_agrees_with_natten(h: int, w: int, k: int, route: str) -> None:
     from natten.functional import na2d_av  # part of the pinned stack (tools/setup_env.sh)
     assert 'natten' in available_backends()
     attn, value = inputs(2, 2, h, w, 8, k)
-    ours = neighborhood_aggregate(attn, value, backend='torch')
+    ours = neighborhood_aggregate(attn, value, backend=route)
     assert torch.allclose(ours, na2d_av(attn, value, k, 1), atol=1e-5)
     assert torch.allclose(neighborhood_aggregate(attn, value, backend='natten'), ours, atol=1e-5)
 
@@ -127,8 +137,8 @@ def test_clear_errors_for_impossible_inputs() -> None:
         neighborhood_aggregate(attn, value, backend='cuda-magic')
 
 
-def test_does_not_materialise_unfolded_values() -> None:
-    # The peak extra memory of a forward must stay a few value-sized buffers, far below the
+def test_tap_loop_does_not_materialise_unfolded_values() -> None:
+    # The tap loop (the route for wide maps) keeps only its inputs for backward, far below the
     # K*K-times larger unfolded tensor. Measured through the allocations autograd keeps.
     attn, value = inputs(1, 2, 32, 32, 16, 13)
     attn.requires_grad_(True)
@@ -140,5 +150,5 @@ def test_does_not_materialise_unfolded_values() -> None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        neighborhood_aggregate(attn, value, backend='torch')
+        neighborhood_aggregate(attn, value, backend='taps')
     assert sum(saved) <= attn.numel() + value.numel()

@@ -44,8 +44,11 @@ def shapes(state: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('form', FORMS)
 @pytest.mark.parametrize('deploy', [False, True], ids=['train-form', 'reparameterized'])
-def test_reproduces_reference_outputs(reference: dict, form: str, deploy: bool) -> None:
-    model = OverLoCK(arch=reference['arch'], overview_fusion=form == 'detection').eval()
+@pytest.mark.parametrize('channels_last', [True, False], ids=['channels-last', 'contiguous'])
+def test_reproduces_reference_outputs(reference: dict, form: str, deploy: bool,
+                                      channels_last: bool) -> None:
+    model = OverLoCK(arch=reference['arch'], overview_fusion=form == 'detection',
+                     channels_last=channels_last).eval()
     model.load_state_dict(reference[form]['state_dict'], strict=True)
     if deploy:
         model.reparameterize()
@@ -172,6 +175,27 @@ def test_frozen_stages_without_norm_eval_keeps_later_bn_training() -> None:
     model = OverLoCK(TINY, frozen_stages=1).train()
     assert not model.patch_embed1[1].training
     assert model.patch_embed2[1].training
+
+
+def test_channels_last_layout_changes_nothing_but_speed() -> None:
+    x = torch.randn(2, 3, 64, 96)
+
+    def step(channels_last: bool) -> tuple[list, dict]:
+        torch.manual_seed(1)
+        # large kernels in the first stages exercise the FFT weight gradient too
+        model = OverLoCK(dict(TINY, kernel_size=[13, 11, 7, 5]),
+                         channels_last=channels_last).train()
+        outs = model(x)
+        random_loss(outs).backward()
+        return [o.detach() for o in outs], {n: p.grad for n, p in model.named_parameters()}
+
+    outs, grads = step(True)
+    ref_outs, ref_grads = step(False)
+    for out, ref in zip(outs, ref_outs):
+        assert out.is_contiguous()  # outputs in the ordinary layout for the neck
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize('with_cp, selective_cp', [(True, False), ([1, 0, 1, 0, 2, 1], True),

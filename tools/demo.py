@@ -28,6 +28,7 @@ from mmengine.config import DictAction
 
 from mmoverlock.apis import load_config, run_demo, summarize_metrics
 from mmoverlock.datasets import ensure_demo_data
+from mmoverlock.utils.cpu_allocator import keep_freed_memory
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = {
@@ -61,6 +62,7 @@ def run_task(task: str, work_dir: str, options: dict, threads: int, log_file: st
         os.dup2(fd, 1)
         os.dup2(fd, 2)
     torch.set_num_threads(threads)
+    keep_freed_memory()  # a spawned worker does not inherit the parent's malloc settings
     return run_demo(CONFIGS[task], osp.join(work_dir, task), options)
 
 

@@ -1,13 +1,15 @@
 """Operators of mmoverlock that PyTorch and the OpenMMLab libraries do not provide."""
+from .depthwise_conv import depthwise_conv2d, depthwise_weight_grad_fft, memory_format_of
 from .neighborhood import (
-                           available_backends,
-                           bias_index,
-                           na2d_av_reference,
-                           neighborhood_aggregate,
-                           relative_position_bias,
-                           window_index,
-                           window_starts,
+    available_backends,
+    bias_index,
+    na2d_av_reference,
+    neighborhood_aggregate,
+    relative_position_bias,
+    window_index,
+    window_starts,
 )
 
-__all__ = ['available_backends', 'bias_index', 'na2d_av_reference', 'neighborhood_aggregate',
+__all__ = ['available_backends', 'bias_index', 'depthwise_conv2d', 'depthwise_weight_grad_fft',
+           'memory_format_of', 'na2d_av_reference', 'neighborhood_aggregate',
            'relative_position_bias', 'window_index', 'window_starts']

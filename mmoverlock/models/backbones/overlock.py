@@ -89,6 +89,10 @@ class OverLoCK(DenseBackbone):
         deploy: Build the re-parameterised form (for ``*_reparam.pth`` checkpoints).
         with_out_norms: Add the output LayerNorms ``extra_norm`` (dense prediction). The ImageNet
             classifier has none.
+        channels_last: Run the network on channels-last (NHWC-strided) maps; outputs are returned
+            in the ordinary contiguous layout. PyTorch's CPU depthwise convolutions with large
+            kernels are an order of magnitude faster in this layout (see ``benchmarks/``); the
+            parameters and their layout are unchanged.
         init_cfg: ``dict(type='Pretrained', checkpoint=..., prefix=...)`` loads released weights;
             otherwise weights are initialised as the authors do.
     """
@@ -125,8 +129,10 @@ class OverLoCK(DenseBackbone):
                  selective_cp: bool = True,
                  deploy: bool = False,
                  with_out_norms: bool = True,
+                 channels_last: bool = True,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
+        self.channels_last = channels_last
         self.arch_settings = self.resolve_arch(arch)
         a = self.arch_settings
         dims = list(a['embed_dim'])
@@ -234,6 +240,8 @@ class OverLoCK(DenseBackbone):
 
     def forward_features(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         """The four raw stage outputs (before ``extra_norm``) and the Overview-Net context."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self._run_blocks('blocks1', self.patch_embed1(x))
         outs = [x]
         x = self._run_blocks('blocks2', self.patch_embed2(x))
@@ -258,7 +266,7 @@ class OverLoCK(DenseBackbone):
             outs = [outs[i] if i == 1 else self.extra_norm[i](o) for i, o in enumerate(outs)]
             if self.overview_fusion:
                 outs[3] = outs[3] + self.h_proj(self.extra_norm[4](ctx))
-        return tuple(outs[i] for i in self.out_indices)
+        return tuple(outs[i].contiguous() for i in self.out_indices)
 
     # ------------------------------------------------------------------------------------------
     # Training-mode behaviour

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import depthwise_conv2d
+
 #: (kernel sizes, dilations) of the parallel dilated branches for each large kernel size.
 DILATED_BRANCHES: dict[int, tuple[Sequence[int], Sequence[int]]] = {
     19: ((5, 7, 9, 9, 3, 3, 3), (1, 1, 1, 2, 4, 5, 7)),
@@ -84,9 +86,10 @@ class DilatedReparamBlock(nn.Module):
             self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        large = depthwise_conv2d(x, self.lk_origin.weight, self.lk_origin.bias)
         if self.deploy:
-            return self.lk_origin(x)
-        out = self.origin_bn(self.lk_origin(x))
+            return large
+        out = self.origin_bn(large)
         for k, r in self.branches:
             out = out + getattr(self, f'dil_bn_k{k}_{r}')(getattr(self, f'dil_conv_k{k}_{r}')(x))
         return out

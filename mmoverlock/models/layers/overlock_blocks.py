@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 from torch import Tensor, nn
 
-from ...ops import neighborhood_aggregate, relative_position_bias
+from ...ops import memory_format_of, neighborhood_aggregate, relative_position_bias
 from .basic import GRN, LayerScale, ResDWConv, SqueezeExcite
 from .dilated_reparam import DilatedReparamBlock
 
@@ -104,7 +104,8 @@ def dynamic_aggregate(x: Tensor, weights: list[Tensor]) -> Tensor:
         value = part.reshape(b, g, -1, h, w).permute(0, 1, 3, 4, 2)  # (B, G, H, W, Cg)
         agg = neighborhood_aggregate(attn, value)
         out.append(agg.permute(0, 1, 4, 2, 3).reshape(b, -1, h, w))
-    return torch.cat(out, dim=1)
+    # the aggregation works on planar maps; hand back the layout the caller uses
+    return torch.cat(out, dim=1).contiguous(memory_format=memory_format_of(x))
 
 
 class DynamicConvBlock(nn.Module):

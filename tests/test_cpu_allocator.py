@@ -1,0 +1,42 @@
+"""glibc malloc tuning of the tools: freed large blocks stay in the process (or not, on opt-out)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mmoverlock.utils.cpu_allocator import MALLOC_TUNING_ENV
+
+PROBE = """
+import os, sys
+import torch
+from mmoverlock.utils.cpu_allocator import keep_freed_memory
+
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+active = keep_freed_memory()
+assert keep_freed_memory() == active  # idempotent
+before = rss()
+x = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+del x
+print(int(active), (rss() - before) // 2**20)
+"""
+
+
+def _probe(tuning: str) -> tuple[int, int]:
+    env = dict(os.environ, **{MALLOC_TUNING_ENV: tuning})
+    out = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='glibc malloc tuning is Linux-only')
+def test_freed_blocks_are_kept_for_reuse_unless_opted_out() -> None:
+    active, kept_mb = _probe('1')
+    assert active == 1 and kept_mb >= 60  # the freed 64 MB block stays mapped for reuse
+    active, kept_mb = _probe('0')
+    assert active == 0 and kept_mb < 16  # default glibc: the block went back to the system

@@ -1,0 +1,82 @@
+"""The depthwise convolution with the FFT weight gradient against PyTorch's own autograd."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmoverlock.ops import depthwise_conv2d, depthwise_weight_grad_fft, memory_format_of
+from mmoverlock.ops.depthwise_conv import FFT_MIN_KERNEL, _fft_size
+
+
+def _aten_grads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilation: int,
+                grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    pad = dilation * (weight.shape[-1] - 1) // 2
+    out = F.conv2d(x, weight, bias, padding=pad, dilation=dilation, groups=x.shape[1])
+    out.backward(grad)
+    return out, x.grad, weight.grad, bias.grad
+
+
+@pytest.mark.parametrize('kernel_size,dilation', [(11, 1), (13, 1), (17, 1), (5, 1), (3, 4)])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_matches_pytorch_forward_and_backward(kernel_size: int, dilation: int,
+                                              channels_last: bool) -> None:
+    torch.manual_seed(kernel_size + dilation)
+    x = torch.randn(2, 6, 23, 29)  # odd, non-square sizes: no accidental symmetry
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, 1, kernel_size, kernel_size) * 0.1
+    bias = torch.randn(6)
+    ref_out, ref_gx, ref_gw, ref_gb = _aten_grads(x, weight, bias, dilation,
+                                                   grad := torch.randn(2, 6, 23, 29))
+    x, weight, bias = (t.clone().requires_grad_() for t in (x, weight, bias))
+    out = depthwise_conv2d(x, weight, bias, dilation)
+    out.backward(grad)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, ref_gx, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(weight.grad, ref_gw, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(bias.grad, ref_gb, atol=1e-4, rtol=1e-4)
+    assert memory_format_of(out) == memory_format_of(x)
+    uses_fft = kernel_size >= FFT_MIN_KERNEL and dilation == 1
+    assert (type(out.grad_fn).__name__ == '_DepthwiseConv2dBackward') is uses_fft
+
+
+def test_weight_grad_fft_is_the_cross_correlation() -> None:
+    # float64, against the definition written out tap by tap
+    torch.manual_seed(0)
+    x, grad = torch.randn(3, 4, 16, 20, dtype=torch.float64), torch.randn(3, 4, 16, 20,
+                                                                          dtype=torch.float64)
+    k, d = 5, 2
+    pad = d * (k - 1) // 2
+    xpad = F.pad(x, [pad] * 4)
+    expected = torch.stack([torch.stack([
+        (xpad[:, :, d * u:d * u + 16, d * v:d * v + 20] * grad).sum((0, 2, 3))
+        for v in range(k)], -1) for u in range(k)], -2).unsqueeze(1)
+    got = depthwise_weight_grad_fft(x, grad, k, d)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_gradcheck_float64() -> None:
+    x = torch.randn(1, 2, 12, 13, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 1, FFT_MIN_KERNEL, FFT_MIN_KERNEL, dtype=torch.float64,
+                         requires_grad=True)
+    bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: depthwise_conv2d(*a), (x, weight, bias))
+
+
+def test_fft_sizes_are_smooth_and_large_enough() -> None:
+    for n in range(1, 300):
+        size = _fft_size(n)
+        assert size >= n and size < 2 * n + 2
+        for p in (2, 3, 5):
+            while size % p == 0:
+                size //= p
+        assert size == 1
+
+
+def test_rejects_non_depthwise_kernels() -> None:
+    with pytest.raises(ValueError, match=r'\(C, 1, K, K\)'):
+        depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 4, 4))
+    with pytest.raises(ValueError, match='C=4'):
+        depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(2, 1, 3, 3))
