@@ -11,6 +11,10 @@ median wall time of ``--runs`` timed repetitions after one warm-up. Implementati
   and plain autograd (``selective_cp=False``);
 - ``swin``: mmdet's Swin-T backbone, the peer users would otherwise pick.
 
+glibc malloc is switched to reuse freed memory (``mmoverlock.utils.cpu_allocator``, what the
+tools do) in every worker by default (``--malloc-tuning both``), so that the ratios compare the
+implementations; ``--malloc-tuning ours`` leaves the baseline and Swin-T on default malloc.
+
 Modes: ``eval`` (training form), ``deploy`` (re-parameterised), ``train`` (forward + backward of a
 batch). Ours and the baseline start from the same weights; their eval outputs are compared
 (max abs difference) in the same run.
@@ -68,6 +72,10 @@ def worker(spec: dict) -> dict:
     if spec['impl'] == 'baseline':
         os.environ['MMOVERLOCK_NA_BACKEND'] = 'unfold'
     torch.set_num_threads(spec['threads'])
+    if spec['malloc_tuning'] == 'both' or (spec['malloc_tuning'] == 'ours'
+                                           and spec['impl'] == 'ours'):
+        from mmoverlock.utils.cpu_allocator import keep_freed_memory
+        keep_freed_memory()
     model = build(spec['impl'], spec['arch'], spec['mode'] == 'deploy')
     batch, (h, w) = spec['batch'], spec['shape']
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
@@ -129,7 +137,7 @@ def measure_pair(arch: str, mode: str, batch: int, shape: tuple[int, int], args,
         results = {}
         for impl in ('ours', 'baseline'):
             spec = dict(impl=impl, arch=arch, mode=mode, batch=batch, shape=shape,
-                        runs=args.runs, threads=args.threads)
+                        runs=args.runs, threads=args.threads, malloc_tuning=args.malloc_tuning)
             if mode != 'train':
                 spec['save'] = os.path.join(tmp, f'{impl}.pt')
             results[impl] = run_worker(spec)
@@ -138,7 +146,8 @@ def measure_pair(arch: str, mode: str, batch: int, shape: tuple[int, int], args,
                                                results['baseline']['save'])
     if peers and mode != 'deploy':
         results['swin'] = run_worker(dict(impl='swin', arch='t', mode=mode, batch=batch,
-                                          shape=shape, runs=args.runs, threads=args.threads))
+                                          shape=shape, runs=args.runs, threads=args.threads,
+                                          malloc_tuning=args.malloc_tuning))
     for impl, res in results.items():
         row[impl] = dict(median_s=res['median_s'], times=res['times'], peak_rss=res['peak_rss'])
     row['speedup'] = row['baseline']['median_s'] / row['ours']['median_s']
@@ -150,7 +159,8 @@ def measure_pair(arch: str, mode: str, batch: int, shape: tuple[int, int], args,
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Measured {meta['date']} on {meta['machine']} ({meta['threads']} threads), "
-             f"median of {meta['runs']} runs after one warm-up, peak RSS of a fresh process.",
+             f"median of {meta['runs']} runs after one warm-up, peak RSS of a fresh process, "
+             f"malloc tuning: {meta['malloc_tuning']}.",
              f"Command: `{meta['command']}`", '',
              '| arch | mode | input | ours | baseline (unfold) | speed-up | ours peak RSS | '
              'baseline peak RSS | memory ratio | Swin-T | ours / Swin-T | max abs diff |',
@@ -197,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--runs', type=int, default=3)
     parser.add_argument('--threads', type=int, default=os.cpu_count() or 1)
     parser.add_argument('--no-peers', action='store_true', help='skip Swin-T')
+    parser.add_argument('--malloc-tuning', choices=['both', 'ours', 'none'], default='both',
+                        help='processes in which glibc malloc reuses freed memory')
     parser.add_argument('--plot-sizes', nargs='*', type=int, default=[])
     parser.add_argument('--out', default=str(RESULTS / 'backbone'))
     args = parser.parse_args(argv)
@@ -214,10 +226,12 @@ def main(argv: list[str] | None = None) -> None:
                 row = measure_pair(arch, mode, batch, shape, args, peers)
                 rows.append(row)
                 print(markdown([row], dict(date='', machine='', threads=args.threads,
-                                           runs=args.runs, command='')).splitlines()[-1],
+                                           runs=args.runs, command='',
+                                           malloc_tuning=args.malloc_tuning)).splitlines()[-1],
                       flush=True)
     meta = dict(date=time.strftime('%Y-%m-%d'), machine=f'{platform.machine()} '
                 f'{os.cpu_count()} cores', threads=args.threads, runs=args.runs,
+                malloc_tuning=args.malloc_tuning,
                 command='python ' + ' '.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
