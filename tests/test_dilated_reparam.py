@@ -60,13 +60,28 @@ def test_reparameterize_every_kernel_size(kernel_size: int) -> None:
             nn.init.uniform_(m.bias, -0.5, 0.5)
     block.eval()
     x = torch.randn(2, 6, kernel_size + 5, kernel_size + 2)
+    expected = block(x).detach()  # with autograd: every branch and BN run separately
     with torch.no_grad():
-        expected = block(x)
+        merged_on_the_fly = block(x)  # inference: the equivalent kernel, built per call
         block.reparameterize()
         got = block(x)
     assert block.deploy and not hasattr(block, 'origin_bn')
     assert set(dict(block.named_parameters())) == {'lk_origin.weight', 'lk_origin.bias'}
     assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(merged_on_the_fly, expected, atol=1e-5)
+
+
+def test_branches_run_separately_whenever_a_bn_uses_batch_statistics() -> None:
+    block = DilatedReparamBlock(4, 7).train()
+    x = torch.randn(2, 4, 12, 12)
+    with torch.no_grad():
+        out = block(x)  # training BNs: batch statistics, no single equivalent kernel
+    expected = sum(
+        F.batch_norm(conv(x), None, None, training=True, eps=bn.eps)
+        for conv, bn in [(block.lk_origin, block.origin_bn)] + [
+            (getattr(block, f'dil_conv_k{k}_{r}'), getattr(block, f'dil_bn_k{k}_{r}'))
+            for k, r in block.branches])
+    assert torch.allclose(out, expected, atol=1e-5)
 
 
 def test_unknown_kernel_size() -> None:

@@ -52,13 +52,16 @@ def test_reproduces_reference_outputs(reference: dict, form: str, deploy: bool,
     model.load_state_dict(reference[form]['state_dict'], strict=True)
     if deploy:
         model.reparameterize()
-    with torch.no_grad():
-        for inputs, expected in zip(reference['inputs'], reference[form]['outputs']):
-            outputs = model(inputs)
-            assert len(outputs) == len(expected) == 4
-            for out, exp in zip(outputs, expected):
-                assert out.shape == exp.shape
-                assert (out - exp).abs().max().item() <= 1e-4
+    # Without autograd the training form merges its branches on the fly; with autograd it runs
+    # every branch. Both must reproduce the reference.
+    for grad_enabled in ([False] if deploy else [False, True]):
+        with torch.set_grad_enabled(grad_enabled):
+            for inputs, expected in zip(reference['inputs'], reference[form]['outputs']):
+                outputs = model(inputs)
+                assert len(outputs) == len(expected) == 4
+                for out, exp in zip(outputs, expected):
+                    assert out.shape == exp.shape
+                    assert (out - exp).abs().max().item() <= 1e-4
 
 
 # ------------------------------------------------------------------------------------------------

@@ -86,13 +86,21 @@ class DilatedReparamBlock(nn.Module):
             self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        large = depthwise_conv2d(x, self.lk_origin.weight, self.lk_origin.bias)
         if self.deploy:
-            return large
-        out = self.origin_bn(large)
+            return depthwise_conv2d(x, self.lk_origin.weight, self.lk_origin.bias)
+        if self._merge_at_inference():
+            # In eval mode the branches and their BNs are one linear map: the deploy kernel,
+            # built on the fly (a few small ops), replaces 1 + len(branches) convs and BNs.
+            return depthwise_conv2d(x, *self.equivalent_kernel_bias())
+        out = self.origin_bn(depthwise_conv2d(x, self.lk_origin.weight))
         for k, r in self.branches:
             out = out + getattr(self, f'dil_bn_k{k}_{r}')(getattr(self, f'dil_conv_k{k}_{r}')(x))
         return out
+
+    def _merge_at_inference(self) -> bool:
+        """Inference (no autograd) with every BN using its running statistics."""
+        return not torch.is_grad_enabled() and not any(
+            m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d))
 
     @torch.no_grad()
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
