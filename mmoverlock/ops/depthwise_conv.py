@@ -9,7 +9,8 @@ frequency domain), which is exact up to float rounding and costs a few FFTs of t
 input gradient is a forward depthwise convolution with the flipped kernel, which runs at full speed
 in the channels-last layout.
 
-Small or dilated kernels and CUDA tensors keep PyTorch's own backward (measured: no gain there).
+Small or dilated kernels (where the FFT measured slower) and CUDA tensors keep PyTorch's own
+backward.
 """
 from __future__ import annotations
 
