@@ -16,7 +16,8 @@ tools do) in every worker by default (``--malloc-tuning both``), so that the rat
 implementations; ``--malloc-tuning ours`` leaves the baseline and Swin-T on default malloc.
 
 Modes: ``eval`` (training form), ``deploy`` (re-parameterised), ``train`` (forward + backward of a
-batch). Ours and the baseline start from the same weights; their eval outputs are compared
+batch), ``train-cp`` (the same with ``with_cp=True`` for ours: every block recomputed; the baseline
+as in ``train``). Ours and the baseline start from the same weights; their eval outputs are compared
 (max abs difference) in the same run.
 
     python benchmarks/backbone.py                       # T: 1x3x512x512 eval, 2x3x512x512 train
@@ -40,13 +41,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN_MODES = ('train', 'train-cp')
 RESULTS = ROOT / 'benchmarks' / 'results'
 
 
 # ------------------------------------------------------------------------------------------------
 # Worker: one implementation, one mode, one shape, in its own process
 # ------------------------------------------------------------------------------------------------
-def build(impl: str, arch: str, deploy: bool):
+def build(impl: str, arch: str, deploy: bool, with_cp: bool = False):
     import torch
     torch.manual_seed(0)
     if impl == 'swin':
@@ -58,7 +60,7 @@ def build(impl: str, arch: str, deploy: bool):
     if not ours:  # PyTorch's own depthwise backward for every kernel size
         from mmoverlock.ops import depthwise_conv
         depthwise_conv.FFT_MIN_KERNEL = sys.maxsize
-    model = OverLoCK(arch, selective_cp=ours, channels_last=ours)
+    model = OverLoCK(arch, selective_cp=ours, channels_last=ours, with_cp=ours and with_cp)
     model.init_weights()
     if deploy:
         model.eval().reparameterize()
@@ -76,11 +78,12 @@ def worker(spec: dict) -> dict:
                                            and spec['impl'] == 'ours'):
         from mmoverlock.utils.cpu_allocator import keep_freed_memory
         keep_freed_memory()
-    model = build(spec['impl'], spec['arch'], spec['mode'] == 'deploy')
+    model = build(spec['impl'], spec['arch'], spec['mode'] == 'deploy',
+                  with_cp=spec['mode'] == 'train-cp')
     batch, (h, w) = spec['batch'], spec['shape']
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
     times = []
-    if spec['mode'] == 'train':
+    if spec['mode'] in TRAIN_MODES:
         model.train()
         for _ in range(spec['runs'] + 1):
             start = time.perf_counter()
@@ -138,13 +141,13 @@ def measure_pair(arch: str, mode: str, batch: int, shape: tuple[int, int], args,
         for impl in ('ours', 'baseline'):
             spec = dict(impl=impl, arch=arch, mode=mode, batch=batch, shape=shape,
                         runs=args.runs, threads=args.threads, malloc_tuning=args.malloc_tuning)
-            if mode != 'train':
+            if mode not in TRAIN_MODES:
                 spec['save'] = os.path.join(tmp, f'{impl}.pt')
             results[impl] = run_worker(spec)
-        if mode != 'train':
+        if mode not in TRAIN_MODES:
             row['max_abs_diff'] = max_abs_diff(results['ours']['save'],
                                                results['baseline']['save'])
-    if peers and mode != 'deploy':
+    if peers and mode in ('eval', 'train'):
         results['swin'] = run_worker(dict(impl='swin', arch='t', mode=mode, batch=batch,
                                           shape=shape, runs=args.runs, threads=args.threads,
                                           malloc_tuning=args.malloc_tuning))
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--eval-shapes', nargs='+', default=[(512, 512)], type=parse_shape)
     parser.add_argument('--train-shape', default='512x512', type=parse_shape)
     parser.add_argument('--train-batch', type=int, default=2)
-    parser.add_argument('--modes', nargs='+', default=['eval', 'deploy', 'train'])
+    parser.add_argument('--modes', nargs='+', default=['eval', 'deploy', 'train'],
+                        choices=['eval', 'deploy', 'train', 'train-cp'])
     parser.add_argument('--runs', type=int, default=3)
     parser.add_argument('--threads', type=int, default=os.cpu_count() or 1)
     parser.add_argument('--no-peers', action='store_true', help='skip Swin-T')
@@ -220,9 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     for arch in args.archs:
         peers = arch == 't' and not args.no_peers
         for mode in args.modes:
-            shapes = [args.train_shape] if mode == 'train' else args.eval_shapes
+            train = mode in TRAIN_MODES
+            shapes = [args.train_shape] if train else args.eval_shapes
             for shape in shapes:
-                batch = args.train_batch if mode == 'train' else 1
+                batch = args.train_batch if train else 1
                 row = measure_pair(arch, mode, batch, shape, args, peers)
                 rows.append(row)
                 print(markdown([row], dict(date='', machine='', threads=args.threads,
