@@ -3,12 +3,12 @@
 Every measurement runs in a fresh subprocess (so that its peak RSS is its own) and reports the
 median wall time of ``--runs`` timed repetitions after one warm-up. Implementations:
 
-- ``ours``: mmoverlock as shipped (channels-last layout, tap-loop aggregation, FFT weight
-  gradient of the large depthwise kernels, selective recomputation in training);
+- ``ours``: mmoverlock as shipped (channels-last layout, banded / tap-loop aggregation, 1x1
+  convolutions on oneDNN, the faster depthwise backward, selective recomputation in training);
 - ``baseline``: the same network run as the authors' code runs it: the aggregation route
   re-implemented from the spec (values unfolded into every window, window grid replicate-padded:
-  ``backend='unfold'``), the ordinary contiguous (NCHW) layout, PyTorch's own convolution backward
-  and plain autograd (``selective_cp=False``);
+  ``backend='unfold'``), the ordinary contiguous (NCHW) layout, PyTorch's own convolutions
+  (``F.conv2d``, forward and backward) and plain autograd (``selective_cp=False``);
 - ``swin``: mmdet's Swin-T backbone, the peer users would otherwise pick.
 
 glibc malloc is switched to reuse freed memory (``mmoverlock.utils.cpu_allocator``, what the
@@ -57,9 +57,10 @@ def build(impl: str, arch: str, deploy: bool, with_cp: bool = False):
                                window_size=7, out_indices=(0, 1, 2, 3))
     from mmoverlock.models.backbones.overlock import OverLoCK
     ours = impl == 'ours'
-    if not ours:  # PyTorch's own depthwise backward for every kernel size
-        from mmoverlock.ops import depthwise_conv
-        depthwise_conv.FFT_MIN_KERNEL = sys.maxsize
+    if not ours:  # PyTorch's own convolutions, forward and backward, as in the authors' code
+        from mmoverlock.ops import depthwise_conv, pointwise_conv
+        depthwise_conv.CUSTOM_BACKWARD = False
+        pointwise_conv.ONEDNN = False
     model = OverLoCK(arch, selective_cp=ours, channels_last=ours, with_cp=ours and with_cp)
     model.init_weights()
     if deploy:

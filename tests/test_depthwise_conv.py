@@ -1,12 +1,18 @@
-"""The depthwise convolution with the FFT weight gradient against PyTorch's own autograd."""
+"""The depthwise convolution with its own CPU backward against PyTorch and the definition."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mmoverlock.ops import depthwise_conv2d, depthwise_weight_grad_fft, memory_format_of
-from mmoverlock.ops.depthwise_conv import FFT_MIN_KERNEL, _fft_size
+from mmoverlock.ops import depthwise_conv, depthwise_conv2d, memory_format_of
+from mmoverlock.ops.depthwise_conv import (
+    FFT_MIN_KERNEL,
+    _fft_size,
+    depthwise_weight_grad,
+    depthwise_weight_grad_fft,
+    depthwise_weight_grad_grouped,
+)
 
 
 def _aten_grads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilation: int,
@@ -18,7 +24,9 @@ def _aten_grads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilat
     return out, x.grad, weight.grad, bias.grad
 
 
-@pytest.mark.parametrize('kernel_size,dilation', [(11, 1), (13, 1), (17, 1), (5, 1), (3, 4)])
+@pytest.mark.parametrize('kernel_size,dilation',
+                         [(3, 1), (3, 2), (5, 1), (5, 3), (7, 1), (9, 1), (13, 1), (17, 1), (19, 1),
+                          (3, 4)])
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_matches_pytorch_forward_and_backward(kernel_size: int, dilation: int,
                                               channels_last: bool) -> None:
@@ -38,31 +46,59 @@ def test_matches_pytorch_forward_and_backward(kernel_size: int, dilation: int,
     torch.testing.assert_close(weight.grad, ref_gw, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(bias.grad, ref_gb, atol=1e-4, rtol=1e-4)
     assert memory_format_of(out) == memory_format_of(x)
-    uses_fft = kernel_size >= FFT_MIN_KERNEL and dilation == 1
-    assert (type(out.grad_fn).__name__ == '_DepthwiseConv2dBackward') is uses_fft
+    assert type(out.grad_fn).__name__ == '_DepthwiseConv2dBackward'
 
 
-def test_weight_grad_fft_is_the_cross_correlation() -> None:
-    # float64, against the definition written out tap by tap
-    torch.manual_seed(0)
-    x, grad = torch.randn(3, 4, 16, 20, dtype=torch.float64), torch.randn(3, 4, 16, 20,
-                                                                          dtype=torch.float64)
-    k, d = 5, 2
+def _weight_grad_by_definition(x: torch.Tensor, grad: torch.Tensor, k: int,
+                               d: int) -> torch.Tensor:
+    """dW[c, u, v] = sum_{b, y, x} xpad[b, c, y + d*u, x + d*v] * g[b, c, y, x], tap by tap."""
+    h, w = x.shape[-2:]
     pad = d * (k - 1) // 2
     xpad = F.pad(x, [pad] * 4)
-    expected = torch.stack([torch.stack([
-        (xpad[:, :, d * u:d * u + 16, d * v:d * v + 20] * grad).sum((0, 2, 3))
+    return torch.stack([torch.stack([
+        (xpad[:, :, d * u:d * u + h, d * v:d * v + w] * grad).sum((0, 2, 3))
         for v in range(k)], -1) for u in range(k)], -2).unsqueeze(1)
-    got = depthwise_weight_grad_fft(x, grad, k, d)
+
+
+@pytest.mark.parametrize('route', [depthwise_weight_grad_fft, depthwise_weight_grad_grouped])
+@pytest.mark.parametrize('kernel_size,dilation', [(3, 1), (5, 2), (7, 1), (3, 3)])
+def test_weight_grad_routes_are_the_cross_correlation(route, kernel_size: int,
+                                                      dilation: int) -> None:
+    torch.manual_seed(kernel_size * dilation)
+    x, grad = (torch.randn(3, 4, 16, 20, dtype=torch.float64) for _ in range(2))
+    expected = _weight_grad_by_definition(x, grad, kernel_size, dilation)
+    got = route(x, grad, kernel_size, dilation)
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
 
 
-def test_gradcheck_float64() -> None:
+@pytest.mark.parametrize('kernel_size,dilation', [(3, 1), (3, 2), (9, 1), (FFT_MIN_KERNEL, 1)])
+def test_weight_grad_dispatch_matches_the_definition(kernel_size: int, dilation: int) -> None:
+    # each route of the dispatcher (PyTorch's for 3x3, grouped conv, FFT), channels-last input
+    torch.manual_seed(1)
+    x, grad = (torch.randn(2, 3, 21, 19).contiguous(memory_format=torch.channels_last)
+               for _ in range(2))
+    weight = torch.randn(3, 1, kernel_size, kernel_size)
+    expected = _weight_grad_by_definition(x.double(), grad.double(), kernel_size, dilation)
+    got = depthwise_weight_grad(x, grad, weight, dilation)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kernel_size,dilation', [(3, 1), (5, 2), (FFT_MIN_KERNEL, 1)])
+def test_gradcheck_float64(kernel_size: int, dilation: int) -> None:
     x = torch.randn(1, 2, 12, 13, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(2, 1, FFT_MIN_KERNEL, FFT_MIN_KERNEL, dtype=torch.float64,
-                         requires_grad=True)
+    weight = torch.randn(2, 1, kernel_size, kernel_size, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: depthwise_conv2d(*a), (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: depthwise_conv2d(*a, dilation=dilation),
+                                    (x, weight, bias))
+
+
+def test_plain_pytorch_without_grad_or_when_switched_off(monkeypatch) -> None:
+    x = torch.randn(1, 4, 9, 9, requires_grad=True)
+    weight = torch.randn(4, 1, 5, 5, requires_grad=True)
+    with torch.no_grad():
+        assert depthwise_conv2d(x, weight).grad_fn is None
+    monkeypatch.setattr(depthwise_conv, 'CUSTOM_BACKWARD', False)
+    assert type(depthwise_conv2d(x, weight).grad_fn).__name__ == 'ConvolutionBackward0'
 
 
 def test_fft_sizes_are_smooth_and_large_enough() -> None:

@@ -9,7 +9,8 @@ from .neighborhood import (
     window_index,
     window_starts,
 )
+from .pointwise_conv import pointwise_conv2d
 
 __all__ = ['available_backends', 'bias_index', 'depthwise_conv2d', 'depthwise_weight_grad_fft',
-           'memory_format_of', 'na2d_av_reference', 'neighborhood_aggregate',
+           'memory_format_of', 'na2d_av_reference', 'neighborhood_aggregate', 'pointwise_conv2d',
            'relative_position_bias', 'window_index', 'window_starts']

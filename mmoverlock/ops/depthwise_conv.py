@@ -1,16 +1,24 @@
-"""Depthwise 2-D convolution (stride 1, 'same' padding) with a faster backward for large kernels.
+"""Depthwise 2-D convolution (stride 1, 'same' padding) with a faster backward on the CPU.
 
-PyTorch's CPU kernels compute the weight gradient of a large depthwise kernel at about 1 GMAC/s
-(17x17 on 2x64x128x128: ~0.6-0.9 s, in both memory layouts), which made it the largest single cost
-of an OverLoCK training step. The weight gradient of a depthwise convolution is, per channel, the
-cross-correlation of the padded input with the output gradient, evaluated at the K x K lags of the
-kernel. For large kernels it is computed here through the FFT (summed over the batch in the
-frequency domain), which is exact up to float rounding and costs a few FFTs of the map size. The
-input gradient is a forward depthwise convolution with the flipped kernel, which runs at full speed
-in the channels-last layout.
+PyTorch's CPU backward of a depthwise convolution is 2-50x slower than its forward (measured,
+channels-last, 1 thread: 7x7 on 2x256x32x32 5.3 ms for the weight gradient vs 0.6 ms forward; 9x9
+on 2x64x128x128 27 ms vs 3.5 ms; dilated 3x3 kernels 5-10x; 17x17 0.6 s), and OverLoCK's training
+step runs hundreds of them (every re-parameterisable block has a large kernel and up to seven
+small / dilated branches). Here, on the CPU:
 
-Small or dilated kernels (where the FFT measured slower) and CUDA tensors keep PyTorch's own
-backward.
+- the input gradient is the forward convolution of the output gradient with the flipped kernel
+  (same padding and dilation), which runs at forward speed;
+- the weight gradient, per channel the cross-correlation of the padded input with the output
+  gradient at the ``K x K`` lags of the (dilated) kernel, is computed as
+
+  * PyTorch's own weight gradient for 3x3 undilated kernels (fast already);
+  * one grouped convolution for other kernels (:func:`depthwise_weight_grad_grouped`): each
+    (image, channel) is a group whose "kernel" is its output gradient, strided by the dilation;
+  * the FFT for undilated kernels >= ``FFT_MIN_KERNEL`` (:func:`depthwise_weight_grad_fft`), whose
+    cost does not grow with the kernel (equal to the grouped convolution for 17x17 on 128x128
+    maps, ahead on larger maps).
+
+CUDA tensors, and inference, use ``F.conv2d`` alone.
 """
 from __future__ import annotations
 
@@ -20,11 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['depthwise_conv2d', 'memory_format_of', 'depthwise_weight_grad_fft', 'FFT_MIN_KERNEL']
+__all__ = ['depthwise_conv2d', 'memory_format_of', 'depthwise_weight_grad',
+           'depthwise_weight_grad_fft', 'depthwise_weight_grad_grouped', 'FFT_MIN_KERNEL',
+           'CUSTOM_BACKWARD']
 
-#: Undilated kernels at least this large take the FFT weight gradient (measured on CPU: 15-20x
-#: faster than PyTorch's for 15x15 / 17x17, slower for 9x9 with dilation 2 and small kernels).
-FFT_MIN_KERNEL = 11
+#: Undilated kernels at least this large take the FFT weight gradient (see the module docstring).
+FFT_MIN_KERNEL = 17
+#: False sends every call to ``F.conv2d`` and PyTorch's backward (the benchmarks' baseline).
+CUSTOM_BACKWARD = True
 
 
 def _fft_size(n: int) -> int:
@@ -69,6 +80,35 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def depthwise_weight_grad_grouped(x: Tensor, grad_out: Tensor, kernel_size: int,
+                                  dilation: int = 1) -> Tensor:
+    """Weight gradient ``(C, 1, K, K)`` as one grouped convolution (same definition as
+    :func:`depthwise_weight_grad_fft`): the padded input of every (image, channel) is convolved
+    with that pair's output gradient as the kernel, with stride ``dilation``, which gives exactly
+    the ``K x K`` lags; the images are then summed. Runs on plain (NCHW) copies, where PyTorch's
+    grouped convolution with large kernels is fastest."""
+    b, c, h, w = x.shape
+    pad = dilation * (kernel_size - 1) // 2
+    planes = F.pad(x.contiguous(), [pad, pad, pad, pad]).view(1, b * c, h + 2 * pad, w + 2 * pad)
+    kernels = grad_out.contiguous().view(b * c, 1, h, w)
+    lags = F.conv2d(planes, kernels, stride=dilation, groups=b * c)  # (1, B*C, K, K)
+    return lags.view(b, c, kernel_size, kernel_size).sum(0).unsqueeze(1)
+
+
+def depthwise_weight_grad(x: Tensor, grad_out: Tensor, weight: Tensor, dilation: int) -> Tensor:
+    """Weight gradient of ``depthwise_conv2d(x, weight, dilation=dilation)`` for ``grad_out``,
+    by the fastest route measured for the kernel (see the module docstring)."""
+    k = weight.shape[-1]
+    if dilation == 1 and k <= 3:
+        pad = (k - 1) // 2
+        return torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], x.shape[1],
+            [False, True, False])[1]
+    if dilation == 1 and k >= FFT_MIN_KERNEL:
+        return depthwise_weight_grad_fft(x, grad_out, k)
+    return depthwise_weight_grad_grouped(x, grad_out, k, dilation)
+
+
 class _DepthwiseConv2d(torch.autograd.Function):
 
     @staticmethod
@@ -90,7 +130,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
             grad_x = F.conv2d(grad_out, weight.flip(-1, -2), padding=pad, dilation=d,
                               groups=x.shape[1])
         if ctx.needs_input_grad[1]:
-            grad_w = depthwise_weight_grad_fft(x, grad_out, k, d)
+            grad_w = depthwise_weight_grad(x, grad_out, weight, d)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None
@@ -99,13 +139,23 @@ class _DepthwiseConv2d(torch.autograd.Function):
 def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                      dilation: int = 1) -> Tensor:
     """``F.conv2d(x, weight, bias, padding='same', dilation=dilation, groups=C)`` for an odd
-    square ``(C, 1, K, K)`` kernel, with the FFT weight gradient for large kernels on CPU."""
+    square ``(C, 1, K, K)`` kernel, with the faster backward on the CPU (module docstring).
+
+    Args:
+        x: ``(B, C, H, W)`` input, either memory layout (the output keeps it).
+        weight: ``(C, 1, K, K)`` kernel, K odd.
+        bias: ``(C,)`` bias or None.
+        dilation: Dilation of the kernel.
+
+    Returns:
+        ``(B, C, H, W)`` output.
+    """
     c, k = x.shape[1], weight.shape[-1]
     if weight.shape != (c, 1, k, k) or k % 2 == 0:
         raise ValueError(f'depthwise_conv2d needs an odd square (C, 1, K, K) kernel for C={c} '
                          f'channels, got {tuple(weight.shape)}')
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if not needs_grad or x.device.type != 'cpu' or dilation != 1 or k < FFT_MIN_KERNEL:
+    if not (needs_grad and CUSTOM_BACKWARD and x.device.type == 'cpu'):
         pad = dilation * (k - 1) // 2
         return F.conv2d(x, weight, bias, padding=pad, dilation=dilation, groups=c)
     return _DepthwiseConv2d.apply(x, weight, bias, dilation)

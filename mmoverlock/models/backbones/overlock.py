@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import register_model
-from ..layers.basic import LayerScale
+from ..layers.basic import LayerScale, PointwiseConv2d
 from ..layers.dilated_reparam import DilatedReparamBlock
 from ..layers.overlock_blocks import DynamicConvBlock, RepConvBlock
 from ..utils.pretrained import drop_keys, load_and_report, read_state_dict
@@ -166,7 +166,7 @@ class OverLoCK(DenseBackbone):
             nn.Conv2d(dims[0], dims[0], 3, 1, 1, bias=False), nn.BatchNorm2d(dims[0]))
         for i in range(1, 4):
             self.add_module(f'patch_embed{i + 1}', nn.Sequential(*_bn_conv(dims[i - 1], dims[i])))
-        self.high_level_proj = nn.Conv2d(dims[3], ctx_dim, 1)
+        self.high_level_proj = PointwiseConv2d(dims[3], ctx_dim)
         self.patch_embedx = FocusDownsample(dims[2], dims[3], ctx_dim)
         for i in range(4):
             self.add_module(f'blocks{i + 1}', nn.ModuleList(
@@ -183,7 +183,7 @@ class OverLoCK(DenseBackbone):
                                  deploy=deploy)
                 for j in range(n)))
         if self.overview_fusion:
-            self.h_proj = nn.Sequential(nn.Conv2d(dims[3], self.out_channels[3], 1),
+            self.h_proj = nn.Sequential(PointwiseConv2d(dims[3], self.out_channels[3]),
                                         LayerScale(self.out_channels[3], 1e-5))
         if with_out_norms:
             widths = self.out_channels + ([dims[3]] if self.overview_fusion else [])

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ...ops import depthwise_conv2d, pointwise_conv2d
+
 
 class LayerScale(nn.Module):
     """Per-channel affine ``x * weight + bias`` (a depthwise 1x1 conv with bias).
@@ -48,6 +50,23 @@ class GRN(nn.Module):
         return torch.addcmul(self.beta, x, torch.addcmul(torch.ones_like(norm), self.gamma, norm))
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1)`` (same parameters and checkpoint keys) whose
+    forward and backward run on oneDNN on the CPU (see :mod:`mmoverlock.ops.pointwise_conv`).
+
+    Args:
+        in_channels: Input channels.
+        out_channels: Output channels.
+        bias: Whether the conv has a bias.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pointwise_conv2d(x, self.weight, self.bias)
+
+
 class SqueezeExcite(nn.Module):
     """Channel attention ``x * sigmoid(fc(gelu(fc(avgpool(x)))))`` with inner width max(16, C//8).
 
@@ -69,7 +88,28 @@ class SqueezeExcite(nn.Module):
         return x * self.proj(x)
 
 
-class ResDWConv(nn.Conv2d):
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(channels, channels, K, padding='same', dilation=d, groups=channels)`` (same
+    parameters and checkpoint keys) with the faster CPU backward of
+    :func:`mmoverlock.ops.depthwise_conv2d`.
+
+    Args:
+        channels: Number of channels.
+        kernel_size: Odd kernel size.
+        dilation: Dilation of the kernel.
+        bias: Whether the conv has a bias.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int = 1,
+                 bias: bool = True) -> None:
+        super().__init__(channels, channels, kernel_size, padding=dilation * (kernel_size - 1) // 2,
+                         dilation=dilation, groups=channels, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return depthwise_conv2d(x, self.weight, self.bias, self.dilation[0])
+
+
+class ResDWConv(DepthwiseConv2d):
     """Residual depthwise convolution ``x + dwconv(x)``; its parameters are the conv's own.
 
     Args:
@@ -78,8 +118,7 @@ class ResDWConv(nn.Conv2d):
     """
 
     def __init__(self, channels: int, kernel_size: int = 3) -> None:
-        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2,
-                         groups=channels, bias=True)
+        super().__init__(channels, kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         # in place on the conv's fresh output (its backward does not need it): one map less

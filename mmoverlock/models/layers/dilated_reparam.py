@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import depthwise_conv2d
+from .basic import DepthwiseConv2d
 
 #: (kernel sizes, dilations) of the parallel dilated branches for each large kernel size.
 DILATED_BRANCHES: dict[int, tuple[Sequence[int], Sequence[int]]] = {
@@ -80,9 +81,8 @@ class DilatedReparamBlock(nn.Module):
         self.origin_bn = nn.BatchNorm2d(channels)
         for k, r in zip(*DILATED_BRANCHES[kernel_size]):
             self.branches.append((k, r))
-            self.add_module(f'dil_conv_k{k}_{r}', nn.Conv2d(
-                channels, channels, k, padding=(r * (k - 1) + 1) // 2, dilation=r,
-                groups=channels, bias=False))
+            self.add_module(f'dil_conv_k{k}_{r}',
+                            DepthwiseConv2d(channels, k, dilation=r, bias=False))
             self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(channels))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 from torch import Tensor, nn
 
-from .basic import ResDWConv
+from .basic import DepthwiseConv2d, PointwiseConv2d, ResDWConv
 
 #: Slot initialisation modes: pooled from the block input, or learned parameters.
 SLOT_INITS = ('ada_avgpool', 'param')
@@ -95,10 +95,10 @@ def conv_mlp(dim: int, mlp_ratio: float, mlp_dw: bool) -> nn.Sequential:
     """
     hidden = int(dim * mlp_ratio)
     return nn.Sequential(
-        nn.Conv2d(dim, hidden, 1),
+        PointwiseConv2d(dim, hidden),
         ResDWConv(hidden, 3) if mlp_dw else nn.Identity(),
         nn.GELU(),
-        nn.Conv2d(hidden, dim, 1))
+        PointwiseConv2d(hidden, dim))
 
 
 def to_tokens(x: Tensor) -> Tensor:
@@ -153,7 +153,7 @@ class GLMixBlock(nn.Module):
         self.num_slots = num_slots
         self.slot_init = slot_init
         self.slot_scale = nn.Parameter(torch.tensor(dim ** -0.5))
-        self.pos_conv = (nn.Conv2d(dim, dim, cpe_ks, padding=cpe_ks // 2, groups=dim)
+        self.pos_conv = (DepthwiseConv2d(dim, cpe_ks)
                          if cpe_ks > 0 else None)
         if slot_init == 'param':
             self.init_slots = nn.Parameter(torch.empty(1, num_slots, dim))
@@ -161,9 +161,9 @@ class GLMixBlock(nn.Module):
         self.norm1 = LayerNorm2d(dim, eps=1e-6)
         self.relation_mha = MultiheadSelfAttention(dim, num_heads)
         self.feature_conv = nn.Sequential(
-            nn.Conv2d(dim, dim, 1),
-            nn.Conv2d(dim, dim, local_dw_ks, padding=local_dw_ks // 2, groups=dim),
-            nn.Conv2d(dim, dim, 1))
+            PointwiseConv2d(dim, dim),
+            DepthwiseConv2d(dim, local_dw_ks),
+            PointwiseConv2d(dim, dim))
         self.norm2 = LayerNorm2d(dim, eps=1e-6)
         self.mlp = conv_mlp(dim, mlp_ratio, mlp_dw)
         self.ls1 = _scale_or_identity(dim, layerscale)
@@ -235,7 +235,7 @@ class MHANCHWBlock(nn.Module):
                  cpe_ks: int = 0,
                  mlp_dw: bool = False) -> None:
         super().__init__()
-        self.pos_conv = (nn.Conv2d(dim, dim, cpe_ks, padding=cpe_ks // 2, groups=dim)
+        self.pos_conv = (DepthwiseConv2d(dim, cpe_ks)
                          if cpe_ks > 0 else None)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.mha_op = MultiheadSelfAttention(dim, num_heads)

@@ -12,7 +12,14 @@ from timm.layers import DropPath, LayerNorm2d
 from torch import Tensor, nn
 
 from ...ops import memory_format_of, neighborhood_aggregate, relative_position_bias
-from .basic import GRN, LayerScale, ResDWConv, SqueezeExcite
+from .basic import (
+    GRN,
+    DepthwiseConv2d,
+    LayerScale,
+    PointwiseConv2d,
+    ResDWConv,
+    SqueezeExcite,
+)
 from .dilated_reparam import DilatedReparamBlock
 
 SMALL_KERNEL = 5  # ContMix's small dynamic kernel
@@ -24,7 +31,7 @@ def _ln(channels: int) -> LayerNorm2d:
 
 
 def _conv_bn(in_ch: int, out_ch: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)]
+    return [PointwiseConv2d(in_ch, out_ch, bias=False), nn.BatchNorm2d(out_ch)]
 
 
 class RepConvBlock(nn.Module):
@@ -50,11 +57,11 @@ class RepConvBlock(nn.Module):
             DilatedReparamBlock(dim, kernel_size, deploy=deploy),
             nn.BatchNorm2d(dim),
             SqueezeExcite(dim),
-            nn.Conv2d(dim, hidden, 1),
+            PointwiseConv2d(dim, hidden),
             nn.GELU(),
             ResDWConv(hidden, 3),
             GRN(hidden),
-            nn.Conv2d(hidden, dim, 1),
+            PointwiseConv2d(hidden, dim),
             DropPath(drop_path) if drop_path > 0 else nn.Identity())
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
 
@@ -142,10 +149,10 @@ class DynamicConvBlock(nn.Module):
         self.dwconv1 = ResDWConv(width, 3)
         self.norm1 = _ln(width)
         self.fusion = nn.Sequential(
-            nn.Conv2d(width, width, 3, padding=1, groups=width),
+            DepthwiseConv2d(width, 3),
             nn.BatchNorm2d(width),
             nn.GELU(),
-            nn.Conv2d(width, dim, 1),
+            PointwiseConv2d(width, dim),
             GRN(dim))
         self.weight_query = nn.Sequential(*_conv_bn(dim, dim // 2))
         self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(KEY_REGIONS),
@@ -156,15 +163,15 @@ class DynamicConvBlock(nn.Module):
                                   nn.BatchNorm2d(dim))
         self.se_layer = SqueezeExcite(dim)
         self.gate = nn.Sequential(*_conv_bn(dim, dim), nn.SiLU())
-        self.proj = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, width, 1))
+        self.proj = nn.Sequential(nn.BatchNorm2d(dim), PointwiseConv2d(dim, width))
         self.dwconv2 = ResDWConv(width, 3)
         self.norm2 = _ln(width)
         self.mlp = nn.Sequential(
-            nn.Conv2d(width, hidden, 1),
+            PointwiseConv2d(width, hidden),
             nn.GELU(),
             ResDWConv(hidden, 3),
             GRN(hidden),
-            nn.Conv2d(hidden, width, 1))
+            PointwiseConv2d(hidden, width))
         self.ls1 = LayerScale(width, ls_init_value)
         self.ls2 = LayerScale(width, ls_init_value)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

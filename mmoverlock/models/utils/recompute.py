@@ -23,6 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 _aten = torch.ops.aten
+# convolution ops (the oneDNN one is what mmoverlock.ops.pointwise_conv calls) -> index of `groups`
+_CONVS = {_aten.convolution.default: 8, _aten.mkldnn_convolution.default: 6}
 _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
 
 
@@ -32,8 +34,8 @@ def save_dense_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpo
     Depthwise (grouped) convolutions are recomputed: they are cheap per output and OverLoCK has
     many of them (each re-parameterisable block has up to eight parallel branches).
     """
-    if op is _aten.convolution.default:
-        groups = args[8]
+    if op in _CONVS:
+        groups = args[_CONVS[op]]
         return CheckpointPolicy.MUST_SAVE if groups == 1 else CheckpointPolicy.PREFER_RECOMPUTE
     if op in _MATMULS:
         return CheckpointPolicy.MUST_SAVE

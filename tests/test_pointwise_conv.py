@@ -1,0 +1,78 @@
+"""The 1x1 convolution on oneDNN against F.conv2d, its routing, and its place in recomputation."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmoverlock.models.layers import PointwiseConv2d
+from mmoverlock.models.utils.recompute import save_dense_products
+from mmoverlock.ops import pointwise_conv, pointwise_conv2d
+from mmoverlock.ops.pointwise_conv import uses_onednn, weight_grad_onednn
+
+
+@pytest.mark.parametrize('in_ch,out_ch', [(6, 10), (10, 6)])  # both branches of the weight grad
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('bias', [False, True])
+def test_matches_conv2d_forward_and_backward(in_ch: int, out_ch: int, channels_last: bool,
+                                             bias: bool) -> None:
+    torch.manual_seed(in_ch + 2 * channels_last + bias)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, in_ch, 7, 9).contiguous(memory_format=fmt)
+    weight = torch.randn(out_ch, in_ch, 1, 1)
+    b = torch.randn(out_ch) if bias else None
+    grad = torch.randn(2, out_ch, 7, 9)
+    results = []
+    for fn in (F.conv2d, pointwise_conv2d):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, b) if t is not None]
+        out = fn(*leaves) if bias else fn(*leaves, None)
+        out.backward(grad)
+        results.append((out, *[t.grad for t in leaves]))
+        if fn is pointwise_conv2d:
+            assert type(out.grad_fn).__name__ == '_OneDNNPointwiseConvBackward'
+            assert out.is_contiguous(memory_format=fmt)
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_grad_is_the_pixel_sum_of_outer_products() -> None:
+    torch.manual_seed(0)
+    for in_ch, out_ch in [(5, 12), (12, 5), (7, 7)]:
+        grad, x = torch.randn(300, out_ch), torch.randn(300, in_ch)
+        expected = torch.einsum('no,nc->oc', grad.double(), x.double())
+        torch.testing.assert_close(weight_grad_onednn(grad, x).double(), expected,
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_routing(monkeypatch) -> None:
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(3, 4, 1, 1)
+    assert uses_onednn(x, weight)
+    assert not uses_onednn(x.double(), weight.double())  # oneDNN has no float64: F.conv2d
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not uses_onednn(x, weight)
+    # a JIT trace (FLOP counters) sees an ordinary convolution
+    traced = torch.jit.trace(PointwiseConv2d(4, 3), x)
+    assert 'aten::_convolution' in str(traced.inlined_graph)
+    monkeypatch.setattr(pointwise_conv, 'ONEDNN', False)
+    assert not uses_onednn(x, weight)
+    out = pointwise_conv2d(x.requires_grad_(), weight)
+    assert type(out.grad_fn).__name__ == 'ConvolutionBackward0'
+    with pytest.raises(ValueError, match=r'\(O, C, 1, 1\)'):
+        pointwise_conv2d(x, torch.randn(3, 4, 3, 3))
+
+
+def test_module_is_a_drop_in_for_conv2d() -> None:
+    torch.manual_seed(0)
+    ours, plain = PointwiseConv2d(8, 4), nn.Conv2d(8, 4, 1)
+    plain.load_state_dict(ours.state_dict())  # same keys and shapes
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(ours(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_selective_recomputation_keeps_the_onednn_convs() -> None:
+    aten = torch.ops.aten
+    args = [None] * 6
+    assert save_dense_products(None, aten.mkldnn_convolution.default, *args, 1).name == 'MUST_SAVE'
+    assert save_dense_products(None, aten.mkldnn_convolution.default, *args,
+                               8).name == 'PREFER_RECOMPUTE'
