@@ -89,7 +89,9 @@ def depthwise_weight_grad_grouped(x: Tensor, grad_out: Tensor, kernel_size: int,
     grouped convolution with large kernels is fastest."""
     b, c, h, w = x.shape
     pad = dilation * (kernel_size - 1) // 2
-    planes = F.pad(x.contiguous(), [pad, pad, pad, pad]).view(1, b * c, h + 2 * pad, w + 2 * pad)
+    # zero-padded NCHW planes in one copy (a layout change and the padding at once)
+    planes = x.new_zeros(1, b * c, h + 2 * pad, w + 2 * pad)
+    planes.view(b, c, h + 2 * pad, w + 2 * pad)[:, :, pad:pad + h, pad:pad + w] = x
     kernels = grad_out.contiguous().view(b * c, 1, h, w)
     lags = F.conv2d(planes, kernels, stride=dilation, groups=b * c)  # (1, B*C, K, K)
     return lags.view(b, c, kernel_size, kernel_size).sum(0).unsqueeze(1)
