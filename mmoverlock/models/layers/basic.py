@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...ops import depthwise_conv2d, pointwise_conv2d
+from ...ops import depthwise_conv2d, grn, pointwise_conv2d
 
 
 class LayerScale(nn.Module):
@@ -42,12 +42,7 @@ class GRN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        # sqrt of a sum of squares: 5-15x faster than linalg.vector_norm on channels-last maps
-        # (measured on CPU); the clamp keeps the gradient finite for an all-zero channel.
-        norm = x.square().sum(dim=(2, 3), keepdim=True).clamp_min(1e-24).sqrt()
-        norm = norm / (norm.mean(dim=1, keepdim=True) + self.eps)
-        # x + (gamma * n * x + beta) in one pass over x (the 4x-wide maps of the MLPs)
-        return torch.addcmul(self.beta, x, torch.addcmul(torch.ones_like(norm), self.gamma, norm))
+        return grn(x, self.gamma, self.beta, self.eps)
 
 
 class PointwiseConv2d(nn.Conv2d):
