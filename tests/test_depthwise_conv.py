@@ -47,6 +47,7 @@ def test_matches_pytorch_forward_and_backward(kernel_size: int, dilation: int,
     torch.testing.assert_close(bias.grad, ref_gb, atol=1e-4, rtol=1e-4)
     assert memory_format_of(out) == memory_format_of(x)
     assert type(out.grad_fn).__name__ == '_DepthwiseConv2dBackward'
+    assert weight.grad.stride() == weight.stride()  # DDP's buckets expect the param's layout
 
 
 def _weight_grad_by_definition(x: torch.Tensor, grad: torch.Tensor, k: int,

@@ -28,6 +28,8 @@ def test_two_process_ddp_on_cpu(tmp_path: Path, ade_root: str) -> None:
                            '--work-dir', str(work)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # gradients arrive in the parameters' own layout (DDP copies them into buckets shaped so)
+    assert 'Grad strides do not match' not in proc.stdout + proc.stderr
 
     log = find_log(str(work))
     assert 'Distributed launcher: pytorch' in log

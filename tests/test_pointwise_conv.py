@@ -30,6 +30,8 @@ def test_matches_conv2d_forward_and_backward(in_ch: int, out_ch: int, channels_l
         out.backward(grad)
         results.append((out, *[t.grad for t in leaves]))
         if fn is pointwise_conv2d:
+            # parameter gradients in the parameters' layout (DDP's buckets expect it)
+            assert all(t.grad.stride() == t.stride() for t in leaves[1:])
             assert type(out.grad_fn).__name__ == '_OneDNNPointwiseConvBackward'
             assert out.is_contiguous(memory_format=fmt)
     for got, expected in zip(results[1], results[0]):
@@ -70,9 +72,18 @@ def test_module_is_a_drop_in_for_conv2d() -> None:
     torch.testing.assert_close(ours(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
-def test_selective_recomputation_keeps_the_onednn_convs() -> None:
-    aten = torch.ops.aten
-    args = [None] * 6
-    assert save_dense_products(None, aten.mkldnn_convolution.default, *args, 1).name == 'MUST_SAVE'
-    assert save_dense_products(None, aten.mkldnn_convolution.default, *args,
-                               8).name == 'PREFER_RECOMPUTE'
+@pytest.mark.parametrize('op', ['mkldnn_convolution', 'convolution'])
+def test_selective_recomputation_policy(op: str) -> None:
+    conv = getattr(torch.ops.aten, op).default
+    groups_at = 6 if op == 'mkldnn_convolution' else 8
+
+    def decision(weight_shape: tuple, groups: int) -> str:
+        args = [None] * (groups_at + 1)
+        args[1], args[groups_at] = torch.empty(weight_shape), groups
+        return save_dense_products(None, conv, *args).name
+
+    assert decision((64, 64, 1, 1), 1) == 'MUST_SAVE'  # 1x1 that keeps or narrows the width
+    assert decision((64, 256, 1, 1), 1) == 'MUST_SAVE'
+    assert decision((64, 32, 3, 3), 1) == 'MUST_SAVE'  # dense 3x3
+    assert decision((256, 64, 1, 1), 1) == 'PREFER_RECOMPUTE'  # widening 1x1 (the MLPs' first)
+    assert decision((64, 1, 3, 3), 64) == 'PREFER_RECOMPUTE'  # depthwise

@@ -20,6 +20,19 @@ def run_main(main: Callable[[], object]) -> None:
     except UsageError as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(2)
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """Tear down the torch.distributed process group (if any) once every rank is done.
+
+    mmengine leaves it open; gloo's worker threads then race the interpreter's exit, which now and
+    then aborts a finished rank ('terminate called without an active exception', SIGABRT).
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def set_local_rank(local_rank: int) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['depthwise_conv2d', 'memory_format_of', 'depthwise_weight_grad',
+__all__ = ['depthwise_conv2d', 'memory_format_of', 'in_param_layout', 'depthwise_weight_grad',
            'depthwise_weight_grad_fft', 'depthwise_weight_grad_grouped', 'FFT_MIN_KERNEL',
            'CUSTOM_BACKWARD']
 
@@ -111,6 +111,17 @@ def depthwise_weight_grad(x: Tensor, grad_out: Tensor, weight: Tensor, dilation:
     return depthwise_weight_grad_grouped(x, grad_out, k, dilation)
 
 
+def in_param_layout(grad: Tensor, param: Tensor) -> Tensor:
+    """``grad`` with exactly ``param``'s strides (a copy only where they differ).
+
+    Strides of size-1 dimensions are arbitrary to PyTorch but not to DDP, which copies gradients
+    into buckets laid out like the parameters and warns (and slows down) on any mismatch.
+    """
+    if grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param, memory_format=torch.preserve_format).copy_(grad)
+
+
 class _DepthwiseConv2d(torch.autograd.Function):
 
     @staticmethod
@@ -132,7 +143,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
             grad_x = F.conv2d(grad_out, weight.flip(-1, -2), padding=pad, dilation=d,
                               groups=x.shape[1])
         if ctx.needs_input_grad[1]:
-            grad_w = depthwise_weight_grad(x, grad_out, weight, d)
+            grad_w = in_param_layout(depthwise_weight_grad(x, grad_out, weight, d), weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .depthwise_conv import memory_format_of
+from .depthwise_conv import in_param_layout, memory_format_of
 
 __all__ = ['grn', 'grn_reference']
 
@@ -57,9 +57,9 @@ class _GRN(torch.autograd.Function):
             coef = torch.where(q > _MIN_SQUARE_SUM, dg / g, torch.zeros_like(dg))
             grad_x = (grad * torch.addcmul(torch.ones_like(n), gamma, n)).addcmul_(x, coef)
         if need_gamma:
-            grad_gamma = (n * s).sum(dim=0, keepdim=True)
+            grad_gamma = in_param_layout((n * s).sum(dim=0, keepdim=True), gamma)
         if need_beta:
-            grad_beta = grad.sum(dim=(0, 2, 3), keepdim=True)
+            grad_beta = in_param_layout(grad.sum(dim=(0, 2, 3), keepdim=True), gamma)  # same shape
         return grad_x, grad_gamma, grad_beta, None
 
 

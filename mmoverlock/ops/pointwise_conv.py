@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .depthwise_conv import in_param_layout
+
 __all__ = ['pointwise_conv2d', 'uses_onednn', 'weight_grad_onednn', 'ONEDNN']
 
 #: False sends every call to ``F.conv2d`` (the benchmarks' baseline).
@@ -88,7 +90,7 @@ class _OneDNNPointwiseConv(torch.autograd.Function):
                 grad_w = weight_grad_onednn(_pixel_rows(grad_out), _pixel_rows(x))
             else:  # per image (O, HW) @ (HW, C), summed over the batch
                 grad_w = torch.bmm(grad_out.flatten(2), x.flatten(2).transpose(1, 2)).sum(0)
-            grad_w = grad_w.view_as(weight)
+            grad_w = in_param_layout(grad_w.reshape(weight.shape), weight)
         if need_b and ctx.has_bias:
             grad_b = grad_out.sum(dim=(0, 2, 3))
         return grad_x, grad_w, grad_b

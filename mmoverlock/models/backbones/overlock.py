@@ -83,9 +83,10 @@ class OverLoCK(DenseBackbone):
             leading blocks checkpointed in ``blocks1, blocks2, blocks3, blocks4, sub_blocks3,
             sub_blocks4``. Checkpointed blocks keep only their input for backward.
         selective_cp: In training, keep only the outputs of dense convolutions and matrix
-            products for backward and recompute the cheap operators (depthwise convolutions,
-            norms, activations) of every block not covered by ``with_cp``. Roughly halves the
-            training memory at a small cost in time; BatchNorm statistics are updated once.
+            products for backward (not those of the MLPs' widening 1x1 convs) and recompute the
+            cheap operators (depthwise convolutions, norms, activations) of every block not
+            covered by ``with_cp``. Less than half the training memory at a small cost in time;
+            BatchNorm statistics are updated once.
         deploy: Build the re-parameterised form (for ``*_reparam.pth`` checkpoints).
         with_out_norms: Add the output LayerNorms ``extra_norm`` (dense prediction). The ImageNet
             classifier has none.

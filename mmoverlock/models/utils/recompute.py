@@ -32,11 +32,17 @@ def save_dense_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpo
     """Selective-checkpoint policy: save dense conv / matmul outputs, recompute everything else.
 
     Depthwise (grouped) convolutions are recomputed: they are cheap per output and OverLoCK has
-    many of them (each re-parameterisable block has up to eight parallel branches).
+    many of them (each re-parameterisable block has up to eight parallel branches). So are 1x1
+    convolutions that widen the map (the MLPs' first conv): their output is ``mlp_ratio`` times
+    the size of their input, and recomputing them cost no measurable time while it lowered the
+    peak memory of a training step by 4-11% (OverLoCK-XT / -T, 2x3x512x512, CPU).
     """
     if op in _CONVS:
-        groups = args[_CONVS[op]]
-        return CheckpointPolicy.MUST_SAVE if groups == 1 else CheckpointPolicy.PREFER_RECOMPUTE
+        weight, groups = args[1], args[_CONVS[op]]
+        widening_1x1 = weight.shape[-2:] == (1, 1) and weight.shape[0] > weight.shape[1]
+        if groups == 1 and not widening_1x1:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
     if op in _MATMULS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
