@@ -1,0 +1,151 @@
+"""Speed of mmoverlock's convolution operators against PyTorch's, on the shapes OverLoCK-T runs.
+
+- 1x1 convolution: ``F.conv2d`` against :func:`mmoverlock.ops.pointwise_conv2d` (oneDNN), forward
+  alone and forward + backward;
+- depthwise convolution, forward + backward: ``F.conv2d`` (PyTorch's backward) against
+  :func:`mmoverlock.ops.depthwise_conv2d` for the large kernels and the dilated branches of the
+  re-parameterisable blocks.
+
+Channels-last float32 maps of a 2x3x512x512 training batch, median of ``--runs`` after a warm-up,
+in this process (``--threads`` intra-op threads, glibc malloc reusing freed memory as the tools
+do).
+
+    python benchmarks/ops.py --threads 1 --out benchmarks/results/ops
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mmoverlock.ops import depthwise_conv2d, pointwise_conv2d  # noqa: E402
+from mmoverlock.utils.cpu_allocator import keep_freed_memory  # noqa: E402
+
+# (batch, in, out, size): the MLP and projection 1x1 convs of OverLoCK-T at 512x512 input
+POINTWISE = [(2, 64, 256, 128), (2, 256, 64, 128), (2, 128, 512, 64), (2, 512, 128, 64),
+             (2, 384, 768, 32), (2, 768, 384, 32), (2, 256, 256, 32)]
+# (batch, channels, size, kernel, dilation): large kernels and dilated branches of OverLoCK-T
+DEPTHWISE = [(2, 64, 128, 17, 1), (2, 64, 128, 9, 1), (2, 64, 128, 3, 3), (2, 128, 64, 15, 1),
+             (2, 128, 64, 7, 2), (2, 256, 32, 13, 1), (2, 256, 32, 7, 1), (2, 256, 32, 3, 4),
+             (2, 256, 128, 3, 1)]
+
+
+def median_ms(runs: int, step: Callable[..., object], *args: object, **kwargs: object) -> float:
+    step(*args, **kwargs)  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        step(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def forward(op: Callable[..., torch.Tensor], *args: object, **kwargs: object) -> None:
+    with torch.no_grad():
+        op(*args, **kwargs)
+
+
+def forward_backward(op: Callable[..., torch.Tensor], grad: torch.Tensor, *args: object,
+                     **kwargs: object) -> None:
+    op(*args, **kwargs).backward(grad)
+
+
+def channels_last(*shape: int, grad: bool = False) -> torch.Tensor:
+    t = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(grad)
+
+
+def bench_pointwise(runs: int) -> list[dict]:
+    rows = []
+    for b, cin, cout, s in POINTWISE:
+        x = channels_last(b, cin, s, s, grad=True)
+        w = torch.randn(cout, cin, 1, 1, requires_grad=True)
+        bias = torch.randn(cout, requires_grad=True)
+        grad = channels_last(b, cout, s, s)
+        row = {'op': '1x1 conv', 'shape': f'{b}x{cin}x{s}x{s} -> {cout}'}
+        for name, op in (('pytorch', F.conv2d), ('ours', pointwise_conv2d)):
+            row[f'{name}_fwd_ms'] = median_ms(runs, forward, op, x, w, bias)
+            row[f'{name}_fwd_bwd_ms'] = median_ms(runs, forward_backward, op, grad, x, w, bias)
+            row[f'gflops_fwd_{name}'] = 2 * b * cin * cout * s * s / row[f'{name}_fwd_ms'] / 1e6
+        rows.append(row)
+    return rows
+
+
+def pytorch_depthwise(x: torch.Tensor, w: torch.Tensor, dilation: int) -> torch.Tensor:
+    pad = dilation * (w.shape[-1] - 1) // 2
+    return F.conv2d(x, w, padding=pad, dilation=dilation, groups=x.shape[1])
+
+
+def bench_depthwise(runs: int) -> list[dict]:
+    rows = []
+    for b, c, s, k, d in DEPTHWISE:
+        x = channels_last(b, c, s, s, grad=True)
+        w = torch.randn(c, 1, k, k, requires_grad=True)
+        grad = channels_last(b, c, s, s)
+        rows.append({
+            'op': 'depthwise conv', 'shape': f'{b}x{c}x{s}x{s}, {k}x{k} dilation {d}',
+            'fwd_ms': median_ms(runs, forward, pytorch_depthwise, x, w, d),
+            'pytorch_fwd_bwd_ms': median_ms(runs, forward_backward, pytorch_depthwise, grad,
+                                            x, w, d),
+            'ours_fwd_bwd_ms': median_ms(runs, forward_backward, depthwise_conv2d, grad, x, w,
+                                         dilation=d)})
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, '',
+             '| 1x1 conv | PyTorch fwd | ours fwd | fwd GFLOP/s PyTorch / ours | PyTorch fwd+bwd '
+             '| ours fwd+bwd | speed-up fwd / fwd+bwd |', '|---|---|---|---|---|---|---|']
+    for r in rows:
+        if r['op'] == '1x1 conv':
+            lines.append(
+                f"| {r['shape']} | {r['pytorch_fwd_ms']:.1f} ms | {r['ours_fwd_ms']:.1f} ms | "
+                f"{r['gflops_fwd_pytorch']:.0f} / {r['gflops_fwd_ours']:.0f} | "
+                f"{r['pytorch_fwd_bwd_ms']:.1f} ms | {r['ours_fwd_bwd_ms']:.1f} ms | "
+                f"{r['pytorch_fwd_ms'] / r['ours_fwd_ms']:.1f}x / "
+                f"{r['pytorch_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.1f}x |")
+    lines += ['', '| depthwise conv | forward | PyTorch fwd+bwd | ours fwd+bwd | speed-up |',
+              '|---|---|---|---|---|']
+    for r in rows:
+        if r['op'] == 'depthwise conv':
+            lines.append(f"| {r['shape']} | {r['fwd_ms']:.1f} ms | {r['pytorch_fwd_bwd_ms']:.1f} ms"
+                         f" | {r['ours_fwd_bwd_ms']:.1f} ms | "
+                         f"{r['pytorch_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.1f}x |")
+    return '\n'.join(lines) + '\n'
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--runs', type=int, default=5)
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'ops'))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    torch.manual_seed(0)
+    rows = bench_pointwise(args.runs) + bench_depthwise(args.runs)
+    command = 'python ' + ' '.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+    header = (f'Measured {time.strftime("%Y-%m-%d")} on {platform.machine()} '
+              f'{os.cpu_count()} cores ({args.threads} threads), median of {args.runs} runs, '
+              f'torch {torch.__version__}.\nCommand: `{command}`')
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix('.json').write_text(json.dumps({'command': command, 'rows': rows}, indent=1))
+    out.with_suffix('.md').write_text(markdown(rows, header))
+    sys.stdout.write(markdown(rows, header))
+
+
+if __name__ == '__main__':
+    main()
