@@ -38,6 +38,21 @@ def test_matches_conv2d_forward_and_backward(in_ch: int, out_ch: int, channels_l
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_channel_slice_of_a_channels_last_map() -> None:
+    # OverLoCK's dynamic blocks feed 1x1 convs with channel slices of channels-last maps
+    torch.manual_seed(3)
+    full = torch.randn(2, 12, 5, 6).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(4, 7, 1, 1), torch.randn(4)
+    grads = []
+    for fn in (F.conv2d, pointwise_conv2d):
+        leaves = [t.clone().requires_grad_() for t in (full, weight, bias)]
+        out = fn(leaves[0][:, 3:10], leaves[1], leaves[2])
+        out.backward(torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(0)))
+        grads.append((out, *[t.grad for t in leaves]))
+    for got, expected in zip(*reversed(grads)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_weight_grad_is_the_pixel_sum_of_outer_products() -> None:
     torch.manual_seed(0)
     for in_ch, out_ch in [(5, 12), (12, 5), (7, 7)]:

@@ -45,7 +45,8 @@ def _onednn_conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor
 
 
 def _pixel_rows(t: Tensor) -> Tensor:
-    """``(B*H*W, C)`` view of a channels-last map (no copy)."""
+    """``(B*H*W, C)`` rows of a map whose channels are innermost (a view of a channels-last map,
+    a copy of a channel slice of one)."""
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
@@ -80,7 +81,8 @@ class _OneDNNPointwiseConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
         grad_x = grad_w = grad_b = None
-        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        # channels innermost (channels-last maps and channel slices of them): pixel-row GEMMs
+        channels_last = x.stride(1) == 1 and not x.is_contiguous()
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         grad_out = grad_out.contiguous(memory_format=fmt)
         if need_x:
