@@ -72,9 +72,16 @@ def test_weight_grad_routes_are_the_cross_correlation(route, kernel_size: int,
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize('kernel_size,dilation', [(3, 1), (3, 2), (9, 1), (FFT_MIN_KERNEL, 1)])
-def test_weight_grad_dispatch_matches_the_definition(kernel_size: int, dilation: int) -> None:
+@pytest.mark.parametrize('kernel_size,dilation,fft_min_pixels',
+                         [(3, 1, 0), (3, 2, 0), (9, 1, 0), (FFT_MIN_KERNEL, 1, 0),
+                          (FFT_MIN_KERNEL, 1, 10 ** 9)])
+def test_weight_grad_dispatch_matches_the_definition(kernel_size: int, dilation: int,
+                                                     fft_min_pixels: int, monkeypatch) -> None:
     # each route of the dispatcher (PyTorch's for 3x3, grouped conv, FFT), channels-last input
+    monkeypatch.setattr(depthwise_conv, 'FFT_MIN_PIXELS', fft_min_pixels)
+    fft_calls = []
+    monkeypatch.setattr(depthwise_conv, 'depthwise_weight_grad_fft',
+                        lambda *args: fft_calls.append(args) or depthwise_weight_grad_fft(*args))
     torch.manual_seed(1)
     x, grad = (torch.randn(2, 3, 21, 19).contiguous(memory_format=torch.channels_last)
                for _ in range(2))
@@ -82,6 +89,8 @@ def test_weight_grad_dispatch_matches_the_definition(kernel_size: int, dilation:
     expected = _weight_grad_by_definition(x.double(), grad.double(), kernel_size, dilation)
     got = depthwise_weight_grad(x, grad, weight, dilation)
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
+    takes_fft = kernel_size >= FFT_MIN_KERNEL and dilation == 1 and fft_min_pixels == 0
+    assert bool(fft_calls) == takes_fft
 
 
 @pytest.mark.parametrize('kernel_size,dilation', [(3, 1), (5, 2), (FFT_MIN_KERNEL, 1)])
