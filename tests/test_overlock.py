@@ -225,6 +225,17 @@ def test_recomputation_gives_same_gradients_and_bn_statistics(with_cp, selective
         assert torch.allclose(buf, stats[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize('selective_cp, frozen_stages, runs', [(True, -1, 2), (False, -1, 1),
+                                                                (True, 1, 1)])
+def test_stem_is_recomputed_in_training(selective_cp: bool, frozen_stages: int, runs: int) -> None:
+    model = OverLoCK(TINY, selective_cp=selective_cp, frozen_stages=frozen_stages).train()
+    calls = []
+    # a pre-hook: the recomputation may stop early, once it has what the backward needs
+    model.patch_embed1.register_forward_pre_hook(lambda *_: calls.append(1))
+    random_loss(model(torch.randn(1, 3, 64, 64))).backward()
+    assert len(calls) == runs  # forward, plus the recomputation in backward unless frozen
+
+
 def test_drop_path_rates_are_linear_over_all_blocks() -> None:
     model = OverLoCK(TINY, drop_path_rate=0.3)
     rates = [b.proj[9].drop_prob if hasattr(b.proj[9], 'drop_prob') else 0.0
