@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .depthwise_conv import in_param_layout, memory_format_of
 
-__all__ = ['grn', 'grn_reference']
+__all__ = ['grn']
 
 _MIN_SQUARE_SUM = 1e-24  # keeps the gradient finite for an all-zero channel
 
@@ -77,8 +77,3 @@ def grn(x: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-6) -> Tensor:
     """
     return _GRN.apply(x, gamma, beta, eps)
 
-
-def grn_reference(x: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-6) -> Tensor:
-    """The same formula through autograd (for tests)."""
-    _, _, n = _response(x, eps)
-    return x * (1 + gamma * n) + beta

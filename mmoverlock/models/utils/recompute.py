@@ -35,7 +35,8 @@ def save_dense_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpo
     many of them (each re-parameterisable block has up to eight parallel branches). So are 1x1
     convolutions that widen the map (the MLPs' first conv): their output is ``mlp_ratio`` times
     the size of their input, and recomputing them cost no measurable time while it lowered the
-    peak memory of a training step by 4-11% (OverLoCK-XT / -T, 2x3x512x512, CPU).
+    peak memory of a training step by 4-11% (OverLoCK-XT / -T, 2x3x512x512, CPU, one-off
+    measurement).
     """
     if op in _CONVS:
         weight, groups = args[1], args[_CONVS[op]]
