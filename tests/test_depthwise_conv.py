@@ -25,8 +25,8 @@ def _aten_grads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilat
 
 
 @pytest.mark.parametrize('kernel_size,dilation',
-                         [(3, 1), (3, 2), (5, 1), (5, 3), (7, 1), (9, 1), (13, 1), (17, 1), (19, 1),
-                          (3, 4)])
+                         [(3, 1), (3, 2), (5, 1), (5, 3), (7, 1), (9, 1), (11, 1), (13, 1), (17, 1),
+                          (19, 1), (3, 4), (3, 7), (9, 2), (5, 4)])
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_matches_pytorch_forward_and_backward(kernel_size: int, dilation: int,
                                               channels_last: bool) -> None:
@@ -126,3 +126,36 @@ def test_rejects_non_depthwise_kernels() -> None:
         depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 4, 4))
     with pytest.raises(ValueError, match='C=4'):
         depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(2, 1, 3, 3))
+
+
+@pytest.mark.parametrize('kernel_size,dilation,conv_pad,conv_kernel',
+                         [(9, 2, 6, 9), (3, 7, 6, 3), (5, 4, 6, 5), (3, 5, 5, 3), (13, 1, 7, 15),
+                          (11, 1, 7, 15), (17, 1, 8, 17), (7, 1, 3, 7)])
+@pytest.mark.parametrize('grad', [False, True])
+def test_same_conv_routes_around_slow_onednn_kernels(monkeypatch, kernel_size: int, dilation: int,
+                                                     conv_pad: int, conv_kernel: int,
+                                                     grad: bool) -> None:
+    """Large dilated paddings are applied beforehand and 11x11 / 13x13 kernels run embedded in
+    15x15 ones, in inference and training alike, with PyTorch's result."""
+    torch.manual_seed(kernel_size)
+    x = torch.randn(2, 4, 21, 26).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(4, 1, kernel_size, kernel_size)
+    pad = dilation * (kernel_size - 1) // 2
+    ref = F.conv2d(x, weight, None, padding=pad, dilation=dilation, groups=4)
+    calls = []
+    conv2d = F.conv2d
+
+    def spy(inp, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        calls.append((tuple(inp.shape[-2:]), w.shape[-1], padding))
+        return conv2d(inp, w, bias, stride, padding, dilation, groups)
+
+    monkeypatch.setattr(depthwise_conv.F, 'conv2d', spy)
+    with torch.set_grad_enabled(grad):
+        out = depthwise_conv2d(x.requires_grad_(grad), weight, None, dilation)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    extra = pad - conv_pad if dilation > 1 else 0  # pixels padded beforehand
+    assert calls[0] == ((21 + 2 * extra, 26 + 2 * extra), conv_kernel, conv_pad)
+    monkeypatch.setattr(depthwise_conv, 'CUSTOM_BACKWARD', False)  # the baseline: plain F.conv2d
+    calls.clear()
+    depthwise_conv2d(x.detach(), weight, None, dilation)
+    assert calls == [((21, 26), kernel_size, pad)]

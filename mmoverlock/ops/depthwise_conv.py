@@ -18,7 +18,16 @@ small / dilated branches). Here, on the CPU:
     (:func:`depthwise_weight_grad_fft`), whose cost does not grow with the kernel. Measured for
     17x17, 2x64 channels: 25 ms FFT vs 20 ms grouped on 128x128 maps, 95 vs 142 ms on 200x304.
 
-CUDA tensors, and inference, use ``F.conv2d`` alone.
+Dilated kernels whose 'same' padding exceeds ``DILATED_PAD_LIMIT`` are run on a map padded
+beforehand by the excess: oneDNN's depthwise kernel leaves its fast path for dilated convolutions
+with padding >= 7 (measured, 2x64x128x128 channels-last, 1 thread: 9x9 dilation 2 25.8 ms with
+padding 8, 2.7 ms with 2 pixels padded first and padding 6; 3x3 dilation 7 4.2 vs 0.9 ms). On
+the CPU this applies to inference, training forward and the input gradient (the copy costs ~0.3
+ms on such a map). Likewise oneDNN's channels-last depthwise kernels are 2-3x slower for 13x13
+(and slightly for 11x11) than for 15x15 (2x256x32x32: 4.1 ms for 13x13, 1.6 ms for 15x15), so
+those kernels run zero-embedded in a 15x15 one (``EMBED_KERNEL``).
+
+CUDA tensors, and inference, use PyTorch's backward / no custom autograd.
 """
 from __future__ import annotations
 
@@ -31,14 +40,33 @@ from torch import Tensor
 __all__ = ['depthwise_conv2d', 'memory_format_of', 'in_param_layout', 'depthwise_weight_grad',
            'depthwise_weight_grad_fft', 'depthwise_weight_grad_grouped', 'FFT_MIN_KERNEL',
            'FFT_MIN_PIXELS',
-           'CUSTOM_BACKWARD']
+           'CUSTOM_BACKWARD', 'DILATED_PAD_LIMIT', 'EMBED_KERNEL', 'same_conv']
 
 #: Undilated kernels at least this large, on maps of at least this many pixels, take the FFT
 #: weight gradient (see the module docstring).
 FFT_MIN_KERNEL = 17
 FFT_MIN_PIXELS = 32768
-#: False sends every call to ``F.conv2d`` and PyTorch's backward (the benchmarks' baseline).
+#: False sends every call to plain ``F.conv2d`` and PyTorch's backward (the benchmarks' baseline).
 CUSTOM_BACKWARD = True
+#: Largest padding passed to a dilated CPU convolution; the rest is padded beforehand.
+DILATED_PAD_LIMIT = 6
+#: Undilated CPU kernels run zero-embedded in a larger kernel (module docstring).
+EMBED_KERNEL = {11: 15, 13: 15}
+
+
+def same_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) -> Tensor:
+    """``F.conv2d`` of a depthwise odd ``K x K`` kernel with 'same' padding; on the CPU a dilated
+    kernel's padding beyond ``DILATED_PAD_LIMIT`` is applied beforehand (module docstring)."""
+    k = weight.shape[-1]
+    pad = dilation * (k - 1) // 2
+    if CUSTOM_BACKWARD and x.device.type == 'cpu':
+        if dilation > 1 and pad > DILATED_PAD_LIMIT:
+            x = F.pad(x, [pad - DILATED_PAD_LIMIT] * 4)
+            pad = DILATED_PAD_LIMIT
+        elif dilation == 1 and k in EMBED_KERNEL:
+            pad = (EMBED_KERNEL[k] - 1) // 2
+            weight = F.pad(weight, [pad - (k - 1) // 2] * 4)
+    return F.conv2d(x, weight, bias, padding=pad, dilation=dilation, groups=weight.shape[0])
 
 
 def _fft_size(n: int) -> int:
@@ -129,22 +157,19 @@ class _DepthwiseConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) -> Tensor:
-        pad = dilation * (weight.shape[-1] - 1) // 2
         ctx.save_for_backward(x, weight)
         ctx.dilation, ctx.has_bias = dilation, bias is not None
-        return F.conv2d(x, weight, bias, padding=pad, dilation=dilation, groups=x.shape[1])
+        return same_conv(x, weight, bias, dilation)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
-        d, k = ctx.dilation, weight.shape[-1]
+        d = ctx.dilation
         grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
-        pad = d * (k - 1) // 2
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # correlation with the flipped kernel = the transposed convolution (stride 1)
-            grad_x = F.conv2d(grad_out, weight.flip(-1, -2), padding=pad, dilation=d,
-                              groups=x.shape[1])
+            grad_x = same_conv(grad_out, weight.flip(-1, -2), None, d)
         if ctx.needs_input_grad[1]:
             grad_w = in_param_layout(depthwise_weight_grad(x, grad_out, weight, d), weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -172,6 +197,5 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          f'channels, got {tuple(weight.shape)}')
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if not (needs_grad and CUSTOM_BACKWARD and x.device.type == 'cpu'):
-        pad = dilation * (k - 1) // 2
-        return F.conv2d(x, weight, bias, padding=pad, dilation=dilation, groups=c)
+        return same_conv(x, weight, bias, dilation)
     return _DepthwiseConv2d.apply(x, weight, bias, dilation)
