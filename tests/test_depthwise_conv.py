@@ -9,6 +9,7 @@ from mmoverlock.ops import depthwise_conv, depthwise_conv2d, memory_format_of
 from mmoverlock.ops.depthwise_conv import (
     FFT_MIN_KERNEL,
     _fft_size,
+    channels_first,
     depthwise_weight_grad,
     depthwise_weight_grad_fft,
     depthwise_weight_grad_grouped,
@@ -159,3 +160,14 @@ def test_same_conv_routes_around_slow_onednn_kernels(monkeypatch, kernel_size: i
     calls.clear()
     depthwise_conv2d(x.detach(), weight, None, dilation)
     assert calls == [((21, 26), kernel_size, pad)]
+
+
+@pytest.mark.parametrize('batch', [1, 3])
+def test_channels_first_copies_every_layout(batch: int) -> None:
+    x = torch.randn(batch, 5, 7, 9)
+    for t in (x, x.contiguous(memory_format=torch.channels_last),
+              x.contiguous(memory_format=torch.channels_last)[:, 1:4],  # a channel slice
+              x[:, :, 1:6]):
+        out = channels_first(t)
+        assert out.is_contiguous()
+        assert torch.equal(out, t)

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['depthwise_conv2d', 'memory_format_of', 'in_param_layout', 'depthwise_weight_grad',
-           'depthwise_weight_grad_fft', 'depthwise_weight_grad_grouped', 'FFT_MIN_KERNEL',
-           'FFT_MIN_PIXELS',
-           'CUSTOM_BACKWARD', 'DILATED_PAD_LIMIT', 'EMBED_KERNEL', 'same_conv']
+__all__ = ['depthwise_conv2d', 'memory_format_of', 'channels_first', 'in_param_layout',
+           'depthwise_weight_grad', 'depthwise_weight_grad_fft', 'depthwise_weight_grad_grouped',
+           'FFT_MIN_KERNEL', 'FFT_MIN_PIXELS', 'CUSTOM_BACKWARD', 'DILATED_PAD_LIMIT',
+           'EMBED_KERNEL', 'same_conv']
 
 #: Undilated kernels at least this large, on maps of at least this many pixels, take the FFT
 #: weight gradient (see the module docstring).
@@ -111,19 +111,33 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def channels_first(x: Tensor) -> Tensor:
+    """``x`` in the contiguous (NCHW) layout. A channels-last map is transposed image by image as
+    ``(H*W, C) -> (C, H*W)`` matrices, which PyTorch copies with a cache-blocked 2-D transpose:
+    2.5x faster than ``x.contiguous()`` on 2x256x32x32, 8x on 2x1024x32x32 (measured, 1 thread)."""
+    if x.is_contiguous() or memory_format_of(x) != torch.channels_last:
+        return x.contiguous()
+    b, c, h, w = x.shape
+    out = x.new_empty(b, c, h, w)
+    rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: x is channels-last
+    for i in range(b):
+        out[i].view(c, h * w).copy_(rows[i].t())
+    return out
+
+
 def depthwise_weight_grad_grouped(x: Tensor, grad_out: Tensor, kernel_size: int,
                                   dilation: int = 1) -> Tensor:
     """Weight gradient ``(C, 1, K, K)`` as one grouped convolution (same definition as
     :func:`depthwise_weight_grad_fft`): the padded input of every (image, channel) is convolved
     with that pair's output gradient as the kernel, with stride ``dilation``, which gives exactly
     the ``K x K`` lags; the images are then summed. Runs on plain (NCHW) copies, where PyTorch's
-    grouped convolution with large kernels is fastest."""
+    grouped convolution with large kernels is fastest (and explicitly zero-padded planes: the
+    same convolution with ``padding`` is up to 10x slower)."""
     b, c, h, w = x.shape
     pad = dilation * (kernel_size - 1) // 2
-    # zero-padded NCHW planes in one copy (a layout change and the padding at once)
     planes = x.new_zeros(1, b * c, h + 2 * pad, w + 2 * pad)
-    planes.view(b, c, h + 2 * pad, w + 2 * pad)[:, :, pad:pad + h, pad:pad + w] = x
-    kernels = grad_out.contiguous().view(b * c, 1, h, w)
+    planes.view(b, c, h + 2 * pad, w + 2 * pad)[:, :, pad:pad + h, pad:pad + w] = channels_first(x)
+    kernels = channels_first(grad_out).view(b * c, 1, h, w)
     lags = F.conv2d(planes, kernels, stride=dilation, groups=b * c)  # (1, B*C, K, K)
     return lags.view(b, c, kernel_size, kernel_size).sum(0).unsqueeze(1)
 
