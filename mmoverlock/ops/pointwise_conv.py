@@ -2,7 +2,7 @@
 
 With one thread, PyTorch sends 1x1 convolutions on the CPU to its own im2col + BLAS route (aten's
 backend heuristic assumes it beats oneDNN single-threaded); on this project's CPUs that route runs
-at 79-107 GFLOP/s and its backward slower still, while oneDNN's 1x1 kernels reach 184-239 GFLOP/s
+at 81-111 GFLOP/s and its backward slower still, while oneDNN's 1x1 kernels reach 189-247 GFLOP/s
 (``python benchmarks/ops.py``, ``benchmarks/results/ops.md``). The 1x1 convolutions are about
 half of OverLoCK's inference time, so they always go to oneDNN here:
 

@@ -232,7 +232,8 @@ class OverLoCK(DenseBackbone):
     def _run_stem(self, x: Tensor) -> Tensor:
         # The stem's maps are the network's largest (1/2 and 1/4 scale) and its backward runs
         # last, so all it saves is alive at the training step's peak; recomputing it costs ~1% of
-        # the step (OverLoCK-XT, 2x3x512x512, CPU: peak RSS 2.01 -> 1.85 GB, benchmarks/results).
+        # the step (OverLoCK-XT, 2x3x512x512, CPU: peak RSS 2.01 -> 1.85 GB in the benchmark runs
+        # before and after it was added).
         recompute = self.selective_cp or any(self.cp_counts)
         if (recompute and self.training and torch.is_grad_enabled()
                 and any(p.requires_grad for p in self.patch_embed1.parameters())):
