@@ -171,3 +171,21 @@ def test_channels_first_copies_every_layout(batch: int) -> None:
         out = channels_first(t)
         assert out.is_contiguous()
         assert torch.equal(out, t)
+
+
+def test_same_conv_keeps_the_defined_convolution_while_tracing(monkeypatch) -> None:
+    """FLOP counters trace the model: they must see the 13x13 / dilated kernels as defined."""
+    calls = []
+    conv2d = F.conv2d
+
+    def spy(inp, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        calls.append((w.shape[-1], padding))
+        return conv2d(inp, w, bias, stride, padding, dilation, groups)
+
+    monkeypatch.setattr(depthwise_conv.F, 'conv2d', spy)
+    x = torch.randn(1, 4, 20, 20)
+    for k, d in ((13, 1), (9, 2)):
+        weight = torch.randn(4, 1, k, k)
+        torch.jit.trace(lambda t, w=weight, d=d: depthwise_conv2d(t, w, None, d), (x,),
+                        check_trace=False)
+        assert calls[-1] == (k, d * (k - 1) // 2)

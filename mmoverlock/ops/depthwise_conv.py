@@ -59,7 +59,8 @@ def same_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) 
     kernel's padding beyond ``DILATED_PAD_LIMIT`` is applied beforehand (module docstring)."""
     k = weight.shape[-1]
     pad = dilation * (k - 1) // 2
-    if CUSTOM_BACKWARD and x.device.type == 'cpu':
+    # not while tracing: FLOP counters must see the convolution as defined
+    if CUSTOM_BACKWARD and x.device.type == 'cpu' and not torch.jit.is_tracing():
         if dilation > 1 and pad > DILATED_PAD_LIMIT:
             x = F.pad(x, [pad - DILATED_PAD_LIMIT] * 4)
             pad = DILATED_PAD_LIMIT
