@@ -43,7 +43,7 @@ from torch import Tensor
 __all__ = ['depthwise_conv2d', 'memory_format_of', 'channels_first', 'in_param_layout',
            'depthwise_weight_grad', 'depthwise_weight_grad_fft', 'depthwise_weight_grad_grouped',
            'FFT_MIN_KERNEL', 'FFT_MIN_PIXELS', 'CUSTOM_BACKWARD', 'DILATED_PAD_LIMIT',
-           'EMBED_KERNEL', 'same_conv']
+           'EMBED_KERNEL', 'same_conv', 'padded_planes']
 
 #: Undilated kernels at least this large, on maps of at least this many pixels, take the FFT
 #: weight gradient (see the module docstring).
@@ -130,26 +130,41 @@ def channels_first(x: Tensor) -> Tensor:
     return out
 
 
+def padded_planes(x: Tensor, pad: int) -> Tensor:
+    """``(B*C, H + 2*pad, W + 2*pad)``: the zero-padded NCHW planes of ``x`` that
+    :func:`depthwise_weight_grad_grouped` convolves; one buffer can serve every kernel whose
+    padding is at most ``pad`` (several kernels applied to the same input)."""
+    b, c, h, w = x.shape
+    planes = x.new_zeros(b * c, h + 2 * pad, w + 2 * pad)
+    planes.view(b, c, h + 2 * pad, w + 2 * pad)[:, :, pad:pad + h, pad:pad + w] = channels_first(x)
+    return planes
+
+
 def depthwise_weight_grad_grouped(x: Tensor, grad_out: Tensor, kernel_size: int,
-                                  dilation: int = 1) -> Tensor:
+                                  dilation: int = 1, planes: Optional[Tensor] = None) -> Tensor:
     """Weight gradient ``(C, 1, K, K)`` as one grouped convolution (same definition as
     :func:`depthwise_weight_grad_fft`): the padded input of every (image, channel) is convolved
     with that pair's output gradient as the kernel, with stride ``dilation``, which gives exactly
     the ``K x K`` lags; the images are then summed. Runs on plain (NCHW) copies, where PyTorch's
     grouped convolution with large kernels is fastest (and explicitly zero-padded planes: the
-    same convolution with ``padding`` is up to 10x slower)."""
+    same convolution with ``padding`` is up to 10x slower). ``planes``: :func:`padded_planes` of
+    ``x`` with at least this kernel's padding, when already made."""
     b, c, h, w = x.shape
     pad = dilation * (kernel_size - 1) // 2
-    planes = x.new_zeros(1, b * c, h + 2 * pad, w + 2 * pad)
-    planes.view(b, c, h + 2 * pad, w + 2 * pad)[:, :, pad:pad + h, pad:pad + w] = channels_first(x)
+    if planes is None:
+        planes = padded_planes(x, pad)
+    start = (planes.shape[-1] - w) // 2 - pad  # a centred window of the shared buffer
+    window = planes[:, start:start + h + 2 * pad, start:start + w + 2 * pad].unsqueeze(0)
     kernels = channels_first(grad_out).view(b * c, 1, h, w)
-    lags = F.conv2d(planes, kernels, stride=dilation, groups=b * c)  # (1, B*C, K, K)
+    lags = F.conv2d(window, kernels, stride=dilation, groups=b * c)  # (1, B*C, K, K)
     return lags.view(b, c, kernel_size, kernel_size).sum(0).unsqueeze(1)
 
 
-def depthwise_weight_grad(x: Tensor, grad_out: Tensor, weight: Tensor, dilation: int) -> Tensor:
+def depthwise_weight_grad(x: Tensor, grad_out: Tensor, weight: Tensor, dilation: int,
+                          planes: Optional[Tensor] = None) -> Tensor:
     """Weight gradient of ``depthwise_conv2d(x, weight, dilation=dilation)`` for ``grad_out``,
-    by the fastest route measured for the kernel (see the module docstring)."""
+    by the fastest route measured for the kernel (see the module docstring); ``planes`` as in
+    :func:`depthwise_weight_grad_grouped`."""
     k = weight.shape[-1]
     if dilation == 1 and k <= 3:
         pad = (k - 1) // 2
@@ -158,7 +173,7 @@ def depthwise_weight_grad(x: Tensor, grad_out: Tensor, weight: Tensor, dilation:
             [False, True, False])[1]
     if dilation == 1 and k >= FFT_MIN_KERNEL and x.shape[-2] * x.shape[-1] >= FFT_MIN_PIXELS:
         return depthwise_weight_grad_fft(x, grad_out, k)
-    return depthwise_weight_grad_grouped(x, grad_out, k, dilation)
+    return depthwise_weight_grad_grouped(x, grad_out, k, dilation, planes)
 
 
 def in_param_layout(grad: Tensor, param: Tensor) -> Tensor:

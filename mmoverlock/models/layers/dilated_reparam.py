@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import depthwise_conv2d
+from ...ops import conv_bn_sum, depthwise_conv2d
+from ...ops import depthwise_conv as _depthwise_conv
 from .basic import DepthwiseConv2d
 
 #: (kernel sizes, dilations) of the parallel dilated branches for each large kernel size.
@@ -92,10 +93,37 @@ class DilatedReparamBlock(nn.Module):
             # In eval mode the branches and their BNs are one linear map: the deploy kernel,
             # built on the fly (a few small ops), replaces 1 + len(branches) convs and BNs.
             return depthwise_conv2d(x, *self.equivalent_kernel_bias())
+        if self._fuse_in_training(x):
+            return self._forward_fused(x)
         out = self.origin_bn(depthwise_conv2d(x, self.lk_origin.weight))
         for k, r in self.branches:
             out = out + getattr(self, f'dil_bn_k{k}_{r}')(getattr(self, f'dil_conv_k{k}_{r}')(x))
         return out
+
+    def _branch_modules(self) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d], list[int]]:
+        convs = [self.lk_origin] + [getattr(self, f'dil_conv_k{k}_{r}') for k, r in self.branches]
+        bns = [self.origin_bn] + [getattr(self, f'dil_bn_k{k}_{r}') for k, r in self.branches]
+        return convs, bns, [1] + [r for _, r in self.branches]
+
+    def _fuse_in_training(self, x: Tensor) -> bool:
+        """Training on the CPU with plain, training-mode BatchNorms (not SyncBN, not frozen):
+        the branches run as one function (:func:`mmoverlock.ops.conv_bn_sum`)."""
+        if not (torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
+                and _depthwise_conv.CUSTOM_BACKWARD and not torch.jit.is_tracing()):
+            return False
+        return all(type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats
+                   for bn in self._branch_modules()[1])
+
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        convs, bns, dilations = self._branch_modules()
+        momenta = []
+        for bn in bns:  # nn.BatchNorm2d's bookkeeping of the running averages
+            bn.num_batches_tracked.add_(1)
+            momenta.append(1.0 / float(bn.num_batches_tracked) if bn.momentum is None
+                           else bn.momentum)
+        return conv_bn_sum(x, [c.weight for c in convs], dilations, [bn.weight for bn in bns],
+                           [bn.bias for bn in bns], [bn.running_mean for bn in bns],
+                           [bn.running_var for bn in bns], momenta, [bn.eps for bn in bns])
 
     def _merge_at_inference(self) -> bool:
         """Inference (no autograd) with every BN using its running statistics."""
