@@ -1,9 +1,10 @@
 """Dilated re-parameterisable large-kernel depthwise conv (the UniRepLKNet design OverLoCK uses).
 
 Training form: a KxK depthwise conv plus several small dilated depthwise convs, each followed by BN,
-summed. Deploy form: one KxK depthwise conv with bias computing the same function in eval mode. The
-conversion is built from small pure functions (BN folding, dilated-to-dense kernels, centred
-padding).
+summed (on the CPU, with plain training-mode BNs, run as one function:
+:func:`mmoverlock.ops.conv_bn_sum`). Deploy form: one KxK depthwise conv with bias computing the
+same function in eval mode. The conversion is built from small pure functions (BN folding,
+dilated-to-dense kernels, centred padding).
 """
 from __future__ import annotations
 
