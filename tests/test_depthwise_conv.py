@@ -189,3 +189,28 @@ def test_same_conv_keeps_the_defined_convolution_while_tracing(monkeypatch) -> N
         torch.jit.trace(lambda t, w=weight, d=d: depthwise_conv2d(t, w, None, d), (x,),
                         check_trace=False)
         assert calls[-1] == (k, d * (k - 1) // 2)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_residual_depthwise_conv_is_x_plus_conv(channels_last: bool) -> None:
+    # ResDWConv folds the shortcut into the kernel's centre tap: same output and gradients as
+    # the definition x + conv(x) computed by PyTorch
+    from mmoverlock.models.layers import ResDWConv
+    from mmoverlock.models.layers.basic import with_identity_tap
+
+    torch.manual_seed(0)
+    module = ResDWConv(6, 3)
+    x = torch.randn(2, 6, 11, 13)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 6, 11, 13)
+    ref_out, ref_gx, ref_gw, ref_gb = _aten_grads(x, module.weight, module.bias, 1, grad)
+    x = x.clone().requires_grad_()
+    out = module(x)
+    out.backward(grad)
+    torch.testing.assert_close(out, ref_out + x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, ref_gx + grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(module.weight.grad, ref_gw, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(module.bias.grad, ref_gb, atol=1e-4, rtol=1e-5)
+    identity = with_identity_tap(torch.zeros(6, 1, 3, 3))
+    assert torch.equal(F.conv2d(x.detach(), identity, padding=1, groups=6), x.detach())

@@ -1,6 +1,9 @@
 """The clamped-window neighbourhood aggregation and its relative position bias."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -39,7 +42,7 @@ def test_corner_pixel_uses_the_shifted_window_not_padding() -> None:
     assert out[0, 0, 5, 5, 0] == value[0, 0, 3, 3, 0]  # far corner: window starts at H - K
 
 
-ROUTES = ['banded', 'taps']  # the two routes of backend='torch'
+ROUTES = ['sparse', 'banded', 'taps']  # the routes of backend='torch'
 
 
 @pytest.mark.parametrize('route', ROUTES)
@@ -50,8 +53,15 @@ def test_matches_brute_force_loop(h: int, w: int, k: int, route: str) -> None:
     assert torch.allclose(out, na2d_av_reference(attn, value), atol=1e-5)
 
 
-def test_torch_backend_picks_the_route_by_width() -> None:
-    # banded while W <= BANDED_MAX_WIDTH_RATIO * K, the tap loop (hand-written backward) beyond
+def test_torch_backend_picks_the_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    attn, value = inputs(1, 2, 9, 9, 2, 3)
+    attn.requires_grad_(True)
+    # on the CPU with MKL: the sparse product
+    assert torch.backends.mkl.is_available()
+    out = neighborhood_aggregate(attn, value, backend='torch')
+    assert '_SparseAggregate' in type(out.grad_fn).__name__
+    # elsewhere banded while W <= BANDED_MAX_WIDTH_RATIO * K, the tap loop beyond
+    monkeypatch.setattr(torch.backends.mkl, 'is_available', lambda: False)
     k = 3
     narrow = inputs(1, 2, 9, BANDED_MAX_WIDTH_RATIO * k, 2, k)
     wide = inputs(1, 2, 9, BANDED_MAX_WIDTH_RATIO * k + 1, 2, k)
@@ -60,6 +70,33 @@ def test_torch_backend_picks_the_route_by_width() -> None:
         out = neighborhood_aggregate(attn, value, backend='torch')
         assert ('_NeighborhoodAggregate' in type(out.grad_fn).__name__) is (route == 'taps')
         assert torch.allclose(out, neighborhood_aggregate(attn, value, backend=route))
+
+
+def test_sparse_route_gradient_of_one_input_only() -> None:
+    attn, value = inputs(2, 2, 7, 8, 3, 5, dtype=torch.float64)
+    grad = torch.randn(2, 2, 7, 8, 3, dtype=torch.float64)
+    for needs in ((True, False), (False, True)):
+        a, v = attn.clone().requires_grad_(needs[0]), value.clone().requires_grad_(needs[1])
+        ref_a, ref_v = attn.clone().requires_grad_(needs[0]), value.clone().requires_grad_(needs[1])
+        neighborhood_aggregate(a, v, backend='sparse').backward(grad)
+        na2d_av_reference(ref_a, ref_v).backward(grad)
+        for ours, ref in ((a, ref_a), (v, ref_v)):
+            assert (ours.grad is None) is (ref.grad is None)
+            if ref.grad is not None:
+                assert torch.allclose(ours.grad, ref.grad, atol=1e-10)
+
+
+def test_sparse_route_is_silent() -> None:
+    # PyTorch warns once per process that CSR tensors are "in beta" and about invariant checks;
+    # users see neither (a fresh process: the warnings are once per process)
+    code = ('import torch\n'
+            'from mmoverlock.ops import neighborhood_aggregate\n'
+            'a = torch.rand(1, 1, 6, 6, 9, requires_grad=True)\n'
+            'v = torch.rand(1, 1, 6, 6, 2, requires_grad=True)\n'
+            'neighborhood_aggregate(a, v, backend="sparse").sum().backward()\n')
+    result = subprocess.run([sys.executable, '-W', 'error', '-c', code], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == '', result.stderr
 
 
 def test_unfold_baseline_agrees() -> None:
@@ -137,9 +174,11 @@ def test_clear_errors_for_impossible_inputs() -> None:
         neighborhood_aggregate(attn, value, backend='cuda-magic')
 
 
-def test_tap_loop_does_not_materialise_unfolded_values() -> None:
-    # The tap loop (the route for wide maps) keeps only its inputs for backward, far below the
-    # K*K-times larger unfolded tensor. Measured through the allocations autograd keeps.
+@pytest.mark.parametrize('route', ['taps', 'sparse'])
+def test_route_does_not_materialise_unfolded_values(route: str) -> None:
+    # The tap loop and the sparse product keep only their inputs (or a same-sized copy) for
+    # backward, far below the K*K-times larger unfolded tensor. Measured through the allocations
+    # autograd keeps.
     attn, value = inputs(1, 2, 32, 32, 16, 13)
     attn.requires_grad_(True)
     value.requires_grad_(True)
@@ -150,5 +189,5 @@ def test_tap_loop_does_not_materialise_unfolded_values() -> None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        neighborhood_aggregate(attn, value, backend='taps')
+        neighborhood_aggregate(attn, value, backend=route)
     assert sum(saved) <= attn.numel() + value.numel()

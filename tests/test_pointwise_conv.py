@@ -100,5 +100,7 @@ def test_selective_recomputation_policy(op: str) -> None:
     assert decision((64, 64, 1, 1), 1) == 'MUST_SAVE'  # 1x1 that keeps or narrows the width
     assert decision((64, 256, 1, 1), 1) == 'MUST_SAVE'
     assert decision((64, 32, 3, 3), 1) == 'MUST_SAVE'  # dense 3x3
-    assert decision((256, 64, 1, 1), 1) == 'PREFER_RECOMPUTE'  # widening 1x1 (the MLPs' first)
+    assert decision((256, 64, 1, 1), 1) == 'PREFER_RECOMPUTE'  # widening 1x1 of a narrow map
+    assert decision((1024, 255, 1, 1), 1) == 'PREFER_RECOMPUTE'
+    assert decision((1024, 256, 1, 1), 1) == 'MUST_SAVE'  # costly to recompute per element kept
     assert decision((64, 1, 3, 3), 64) == 'PREFER_RECOMPUTE'  # depthwise

@@ -6,7 +6,16 @@ centred on it but shifted inwards at the borders so that it always lies inside t
     s(i) = clamp(i - K // 2, 0, H - K)
     out[b, g, i, j, :] = sum_{u, v} attn[b, g, i, j, u * K + v] * value[b, g, s(i) + u, s(j) + v, :]
 
-The pure-PyTorch backend has two routes, chosen by shape (``backend='torch'``):
+The pure-PyTorch backend (``backend='torch'``) has three routes:
+
+- ``'sparse'``, on the CPU (with MKL): per (image, group) the aggregation is a sparse matrix with
+  ``K * K`` entries per row, the weights as they are, times the ``(H*W, C)`` values; MKL's CSR
+  product does it in one call, the backward is the transposed product and a sampled dense product
+  (``torch.sparse.sampled_addmm``). Measured, 1 thread, forward / backward: 3.5 / 12.8 ms for
+  2x8x32x32x16 values with K = 13 (banded 11.1 / 13.5 ms), 0.6 / 1.5 ms with K = 5 (tap loop
+  3.7 / 9.8 ms), 7.1 ms forward on a 1x8x50x76x16 detection map (tap loop 34 ms).
+
+Elsewhere (CUDA without natten), by shape:
 
 - ``'banded'``, for maps that are narrow relative to the kernel (``W <= 5 K``, e.g. OverLoCK's
   stage-3/4 maps at 512x512): each output row is one matrix product of a banded ``W x K*W`` weight
@@ -17,7 +26,7 @@ The pure-PyTorch backend has two routes, chosen by shape (``backend='torch'``):
   values at a time, so its peak extra memory is a few value-sized buffers; its backward is written
   by hand because autograd through the loop would keep every gathered copy alive.
 
-Neither materialises the ``(H, W, K*K, C)`` unfolded values of the obvious route, which needs
+None materialises the ``(H, W, K*K, C)`` unfolded values of the obvious route, which needs
 ``K*K`` times the memory of the values (gigabytes at detection resolution).
 
 When natten 0.17.x is installed it can serve as the backend (``backend='natten'``); both agree.
@@ -27,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -37,7 +47,7 @@ __all__ = ['window_starts', 'window_index', 'bias_index', 'relative_position_bia
            'neighborhood_aggregate', 'na2d_av_reference', 'available_backends']
 
 BACKEND_ENV = 'MMOVERLOCK_NA_BACKEND'
-BACKENDS = ('auto', 'torch', 'banded', 'taps', 'natten', 'unfold')
+BACKENDS = ('auto', 'torch', 'sparse', 'banded', 'taps', 'natten', 'unfold')
 #: ``backend='torch'`` takes the banded route while ``W <= BANDED_MAX_WIDTH_RATIO * K``
 #: (measured on CPU: 3-8x faster than the tap loop at W / K ~ 1-2.5, slower beyond ~5).
 BANDED_MAX_WIDTH_RATIO = 5
@@ -237,6 +247,89 @@ def _aggregate_banded(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
     return torch.bmm(band.view(b * g * h, w, k * w), value_rows).view(b, g, h, w, c)
 
 
+@functools.lru_cache(maxsize=32)
+def _sparse_pattern_cpu(height: int, width: int, kernel_size: int) -> tuple[Tensor, ...]:
+    """CSR pattern of the ``(H*W, H*W)`` aggregation matrix of one (image, group) and of its
+    transpose: ``(crow, col, t_crow, t_col, t_perm)``. Row ``p`` holds the ``K*K`` window pixels of
+    pixel ``p`` in tap order (ascending, as CSR wants), so the weights ``attn[b, g]`` flattened
+    are its values as they are; ``t_perm`` orders them for the transpose (``attn[..., t_perm]``).
+    int32 indices: half the memory traffic, and what MKL's sparse routines take natively."""
+    k, pixels = kernel_size, height * width
+    rows = window_index(height, k).t()  # (H, K): s(i) + u
+    cols = window_index(width, k).t()  # (W, K): s(j) + v
+    col = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
+    crow = torch.arange(0, pixels * k * k + 1, k * k)
+    # the transpose lists the same entries by column, each column's rows ascending (stable sort)
+    t_perm = torch.sort(col, stable=True).indices
+    t_col = t_perm // (k * k)
+    t_crow = torch.cat([crow.new_zeros(1), torch.bincount(col, minlength=pixels).cumsum(0)])
+    return tuple(t.to(torch.int32) for t in (crow, col, t_crow, t_col, t_perm))
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, pixels: int) -> Tensor:
+    _consume_csr_beta_warning()
+    # the pattern is built above and valid by construction: no per-call invariant checks
+    return torch.sparse_csr_tensor(crow, col, values, size=(pixels, pixels), check_invariants=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _consume_csr_beta_warning() -> None:
+    """PyTorch warns once per process that CSR tensors are "in beta"; say nothing to our users."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        index = torch.zeros(2, dtype=torch.int32)
+        torch.sparse_csr_tensor(index, index[:0], torch.zeros(0), size=(1, 1),
+                                check_invariants=False)
+
+
+class _SparseAggregate(torch.autograd.Function):
+    """The aggregation as one sparse-times-dense matrix product per (image, group): the weights are
+    the values of a CSR matrix with ``K*K`` entries per row (see ``_sparse_pattern_cpu``).
+
+    forward ``out = A @ V``; backward ``dV = A^T @ dOut`` (the transpose's pattern is
+    precomputed, its values are one gather of the weights) and ``dA = (dOut @ V^T)`` sampled at
+    A's pattern (``torch.sparse.sampled_addmm``). Only the weights and values are kept.
+    """
+
+    @staticmethod
+    def forward(ctx, attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+        b, g, h, w, c = value.shape
+        pixels = h * w
+        crow, col, *_ = _sparse_pattern_cpu(h, w, kernel_size)
+        weights = attn.reshape(b * g, -1)  # rows of (pixel, tap), tap fastest
+        values = value.reshape(b * g, pixels, c)
+        out = torch.stack([torch.sparse.mm(_csr(crow, col, weights[i], pixels), values[i])
+                           for i in range(b * g)])
+        ctx.save_for_backward(weights, values)
+        ctx.kernel_size = kernel_size
+        return out.view(b, g, h, w, c)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        weights, values = ctx.saved_tensors
+        b, g, h, w, c = grad_out.shape
+        pixels = h * w
+        crow, col, t_crow, t_col, t_perm = _sparse_pattern_cpu(h, w, ctx.kernel_size)
+        grad = grad_out.reshape(b * g, pixels, c)
+        need_attn, need_value = ctx.needs_input_grad[:2]
+        grad_attn = grad_value = None
+        if need_attn:
+            sampled = [torch.sparse.sampled_addmm(_csr(crow, col, weights[i], pixels), grad[i],
+                                                  values[i].t(), beta=0.0).values()
+                       for i in range(b * g)]
+            grad_attn = torch.stack(sampled).view(b, g, h, w, -1)
+        if need_value:
+            transposed = weights.index_select(1, t_perm)
+            grad_value = torch.stack([
+                torch.sparse.mm(_csr(t_crow, t_col, transposed[i], pixels), grad[i])
+                for i in range(b * g)]).view(b, g, h, w, c)
+        return grad_attn, grad_value, None
+
+
+def _aggregate_sparse(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+    return _SparseAggregate.apply(attn, value, kernel_size)
+
+
 def _aggregate_unfold(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
     """The straightforward route, kept as the benchmark baseline: unfold the values into every
     interior window, replicate-pad the window grid to the map size, weight and sum. Its memory
@@ -291,9 +384,16 @@ def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
         return 'natten' if device.type == 'cuda' and _natten_na2d_av() is not None else 'torch'
     if backend not in BACKENDS:
         raise ValueError(f"unknown neighbourhood-aggregation backend {backend!r}: use 'auto', "
-                         "'torch' (or one of its routes 'banded' / 'taps'), 'natten' or "
+                         "'torch' (or one of its routes 'sparse' / 'banded' / 'taps'), 'natten' or "
                          "'unfold' (the slow baseline)")
     return backend
+
+
+def _torch_route(value: Tensor, kernel_size: int) -> str:
+    """The pure-PyTorch route for these operands (see the module docstring)."""
+    if value.device.type == 'cpu' and torch.backends.mkl.is_available():
+        return 'sparse'
+    return 'banded' if value.shape[3] <= BANDED_MAX_WIDTH_RATIO * kernel_size else 'taps'
 
 
 def neighborhood_aggregate(attn: Tensor, value: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -302,7 +402,7 @@ def neighborhood_aggregate(attn: Tensor, value: Tensor, backend: Optional[str] =
     Args:
         attn: ``(B, G, H, W, K*K)`` weights, tap ``u * K + v`` (row-major).
         value: ``(B, G, H, W, C)`` values.
-        backend: ``'torch'`` (the ``'banded'`` or the ``'taps'`` route by shape, see the module
+        backend: ``'torch'`` (the ``'sparse'``, ``'banded'`` or ``'taps'`` route, see the module
             docstring), ``'natten'``, ``'unfold'`` (the memory-hungry baseline of the benchmarks)
             or ``'auto'`` (default, or the environment variable ``MMOVERLOCK_NA_BACKEND``): natten
             on CUDA when installed, PyTorch otherwise.
@@ -317,7 +417,9 @@ def neighborhood_aggregate(attn: Tensor, value: Tensor, backend: Optional[str] =
     if backend == 'unfold':
         return _aggregate_unfold(attn, value, k)
     if backend == 'torch':
-        backend = 'banded' if value.shape[3] <= BANDED_MAX_WIDTH_RATIO * k else 'taps'
+        backend = _torch_route(value, k)
+    if backend == 'sparse':
+        return _aggregate_sparse(attn, value, k)
     if backend == 'banded':
         return _aggregate_banded(attn, value, k)
     return _aggregate_taps(attn, value, k)

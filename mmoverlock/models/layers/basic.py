@@ -116,5 +116,16 @@ class ResDWConv(DepthwiseConv2d):
         super().__init__(channels, kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        # in place on the conv's fresh output (its backward does not need it): one map less
-        return super().forward(x).add_(x)
+        # x + conv(x, w) = conv(x, w + identity kernel): the shortcut rides in the centre tap, so
+        # the forward makes one pass over the map instead of two and the backward's transposed
+        # convolution already contains the shortcut's gradient (no separate sum)
+        return depthwise_conv2d(x, with_identity_tap(self.weight), self.bias, self.dilation[0])
+
+
+def with_identity_tap(weight: Tensor) -> Tensor:
+    """``weight + delta``: a ``(C, 1, K, K)`` depthwise kernel plus the identity kernel (1 at the
+    centre tap), so that ``conv(x, with_identity_tap(w)) == x + conv(x, w)``."""
+    centre = weight.shape[-1] // 2
+    delta = torch.zeros_like(weight)
+    delta[..., centre, centre] = 1
+    return weight + delta
