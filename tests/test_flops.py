@@ -16,7 +16,7 @@ from torch import nn
 
 import mmoverlock.ops as ops
 from mmoverlock.apis.analysis import build_backbone
-from mmoverlock.models.layers.overlock_blocks import DynamicConvBlock
+from mmoverlock.models.layers.overlock_blocks import DynamicConvBlock, contmix_logits
 from mmoverlock.utils.flops import count_complexity
 
 TOOL = Path(__file__).resolve().parents[1] / 'tools' / 'analysis' / 'get_flops.py'
@@ -82,9 +82,16 @@ def test_contmix_by_hand() -> None:
     taps = kernel ** 2 + 5 ** 2
     affinity = pixels * (dim // 2) * regions  # q^T k over all groups
     weight_proj = groups * pixels * regions * taps
-    assert result.category('matmul') == affinity + weight_proj
+    assert result.category('matmul') == affinity
     assert result.category('aggregation') == pixels * (dim // 2) * taps
     assert result.calls['neighborhood_aggregate'] == 2
+    # the kernel logits alone: q^T k (a matmul) and weight_proj (a 1x1 conv over the affinities)
+    query, key = torch.rand(1, dim // 2, size, size), torch.rand(1, dim // 2, 7, 7)
+    proj = block.weight_proj
+    logits = count_complexity(nn.Identity(), lambda: contmix_logits(
+        query, key, proj.weight, proj.bias, groups))
+    assert logits.category('matmul') == affinity
+    assert logits.category('conv') == weight_proj
 
 
 def test_get_flops_cli_classifier(capsys: pytest.CaptureFixture) -> None:
@@ -103,3 +110,15 @@ def test_get_flops_cli_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     for module in ('backbone', 'neck', 'rpn_head', 'roi_head'):
         assert f'| {module} |' in out
     assert (tmp_path / 'f.json').is_file()
+
+
+def test_convolutions_count_alike_on_cpu_and_meta() -> None:
+    # on real CPU tensors 1x1 convs run as aten.mkldnn_convolution (pointwise_conv2d), on the meta
+    # device as aten.convolution: the same MACs either way
+    block = DynamicConvBlock(32, 8, 7, 2, is_first=True).eval()
+    shapes = ((1, 32, 14, 14), (1, 8, 14, 14), (1, 8, 14, 14))
+    cpu = count_complexity(block, tuple(torch.rand(s) for s in shapes))
+    meta = count_complexity(block.to('meta'), tuple(torch.rand(s, device='meta') for s in shapes))
+    assert cpu.operators.get('mkldnn_convolution', 0) > 0
+    for category in ('conv', 'matmul', 'aggregation'):
+        assert cpu.category(category) == meta.category(category) > 0

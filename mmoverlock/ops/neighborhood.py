@@ -283,8 +283,8 @@ def _consume_csr_beta_warning() -> None:
 
 
 class _SparseAggregate(torch.autograd.Function):
-    """The aggregation as one sparse-times-dense matrix product per (image, group): the weights are
-    the values of a CSR matrix with ``K*K`` entries per row (see ``_sparse_pattern_cpu``).
+    """The aggregation as a sparse-times-dense matrix product, per (image, group) a CSR matrix with
+    ``K*K`` entries per row whose values are the weights (see ``_sparse_pattern_cpu``).
 
     forward ``out = A @ V``; backward ``dV = A^T @ dOut`` (the transpose's pattern is
     precomputed, its values are one gather of the weights) and ``dA = (dOut @ V^T)`` sampled at
@@ -294,13 +294,19 @@ class _SparseAggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
         b, g, h, w, c = value.shape
-        pixels = h * w
-        crow, col, *_ = _sparse_pattern_cpu(h, w, kernel_size)
+        pixels, taps = h * w, kernel_size ** 2
+        _, col, *_ = _sparse_pattern_cpu(h, w, kernel_size)
         weights = attn.reshape(b * g, -1)  # rows of (pixel, tap), tap fastest
-        values = value.reshape(b * g, pixels, c)
-        out = torch.stack([torch.sparse.mm(_csr(crow, col, weights[i], pixels), values[i])
-                           for i in range(b * g)])
-        ctx.save_for_backward(weights, values)
+        values = value.reshape(b * g * pixels, c)
+        # all (image, group) pairs as one block-diagonal matrix: one product instead of B*G
+        # (a few hundred fewer operator calls per block, which selective recomputation
+        # intercepts one by one); its column indices are the pattern's, offset per block
+        offsets = torch.arange(0, b * g * pixels, pixels, dtype=col.dtype).view(-1, 1)
+        crow = torch.arange(0, b * g * pixels * taps + 1, taps, dtype=col.dtype)
+        matrix = _csr(crow, (col.view(1, -1) + offsets).view(-1), weights.view(-1),
+                      b * g * pixels)
+        out = torch.sparse.mm(matrix, values)
+        ctx.save_for_backward(weights, values.view(b * g, pixels, c))
         ctx.kernel_size = kernel_size
         return out.view(b, g, h, w, c)
 

@@ -10,8 +10,8 @@ category        operators
                 (output elements x C_in / groups x kernel area); transposed: input size
 ``matmul``      ``mm``, ``addmm``, ``bmm``, ``baddbmm`` (so ``nn.Linear``, ``@``/``matmul`` and
                 ``einsum``, which decompose into them) and fused scaled-dot-product attention
-                (``B * heads * L * S * (E + Ev)``). ContMix's affinity ``q^T k`` and its
-                ``weight_proj`` land here.
+                (``B * heads * L * S * (E + Ev)``). ContMix's affinity ``q^T k`` lands here
+                (its ``weight_proj``, a 1x1 convolution over the affinities, under ``conv``).
 ``aggregation`` the neighbourhood aggregation :func:`mmoverlock.ops.neighborhood_aggregate`:
                 ``B * G * H * W * K * K * C`` for weights ``(B, G, H, W, K*K)`` and values
                 ``(B, G, H, W, C)``, whatever backend (ours, natten, unfold) computes it
@@ -76,6 +76,11 @@ def _conv_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
     return x.shape[0] * math.prod(weight.shape) * math.prod(spatial)
 
 
+def _mkldnn_conv_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
+    # (input, weight, bias, padding, stride, dilation, groups): never transposed
+    return args[0].shape[0] * math.prod(args[1].shape) * math.prod(out.shape[2:])
+
+
 def _mm_macs(args: tuple, kwargs: dict, out: Tensor) -> int:
     a, b = args[0], args[1]
     return math.prod(a.shape) * b.shape[-1]
@@ -94,6 +99,8 @@ def _sdpa_macs(args: tuple, kwargs: dict, out: Any) -> int:
 
 _OP_HANDLES: dict[str, tuple[str, Handle]] = {
     'aten.convolution': ('conv', _conv_macs),
+    # what mmoverlock.ops.pointwise_conv2d calls on the CPU
+    'aten.mkldnn_convolution': ('conv', _mkldnn_conv_macs),
     'aten.mm': ('matmul', _mm_macs),
     'aten.bmm': ('matmul', _mm_macs),
     'aten.addmm': ('matmul', _addmm_macs),
