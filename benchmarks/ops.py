@@ -4,7 +4,10 @@
   alone and forward + backward;
 - depthwise convolution, forward alone and forward + backward: ``F.conv2d`` (PyTorch's backward)
   against :func:`mmoverlock.ops.depthwise_conv2d` for the large kernels and the dilated branches
-  of the re-parameterisable blocks.
+  of the re-parameterisable blocks;
+- ContMix's neighbourhood aggregation, forward alone and forward + backward, by route of
+  :func:`mmoverlock.ops.neighborhood_aggregate`: the CPU default (``sparse``), the two other
+  pure-PyTorch routes and the unfold baseline.
 
 Channels-last float32 maps of a 2x3x512x512 training batch, median of ``--runs`` after a warm-up,
 in this process (``--threads`` intra-op threads, glibc malloc reusing freed memory as the tools
@@ -30,7 +33,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmoverlock.ops import depthwise_conv2d, pointwise_conv2d  # noqa: E402
+from mmoverlock.ops import (  # noqa: E402
+    depthwise_conv2d,
+    neighborhood_aggregate,
+    pointwise_conv2d,
+)
 from mmoverlock.utils.cpu_allocator import keep_freed_memory  # noqa: E402
 
 # (batch, in, out, size): the MLP and projection 1x1 convs of OverLoCK-T at 512x512 input
@@ -40,6 +47,12 @@ POINTWISE = [(2, 64, 256, 128), (2, 256, 64, 128), (2, 128, 512, 64), (2, 512, 1
 DEPTHWISE = [(2, 64, 128, 17, 1), (2, 64, 128, 9, 1), (2, 64, 128, 3, 3), (2, 128, 64, 15, 1),
              (2, 128, 64, 7, 2), (2, 256, 32, 13, 1), (2, 256, 32, 7, 1), (2, 256, 32, 3, 4),
              (2, 256, 128, 3, 1), (2, 64, 128, 9, 2), (2, 64, 128, 3, 7)]
+
+# (batch, groups, size, channels per group, kernel): ContMix of OverLoCK-T, 2x3x512x512 training
+# batch (stage 3 large and small kernel, stage 4) and a 1x3x800x1216 detection image (stage 3)
+AGGREGATION = [(2, 8, (32, 32), 16, 13), (2, 8, (32, 32), 16, 5), (2, 16, (16, 16), 16, 7),
+               (1, 8, (50, 76), 16, 13)]
+AGGREGATION_ROUTES = ('sparse', 'banded', 'taps', 'unfold')
 
 
 def median_ms(runs: int, step: Callable[..., object], *args: object, **kwargs: object) -> float:
@@ -105,6 +118,29 @@ def bench_depthwise(runs: int) -> list[dict]:
     return rows
 
 
+def aggregate(attn: torch.Tensor, value: torch.Tensor, backend: str) -> torch.Tensor:
+    """ContMix's call: ``value`` is a channels-last ``(B, G*C, H, W)`` map."""
+    b, g, h, w, _ = attn.shape
+    planar = value.reshape(b, g, -1, h, w).permute(0, 1, 3, 4, 2)  # (B, G, H, W, C) view
+    return neighborhood_aggregate(attn, planar, backend=backend)
+
+
+def bench_aggregation(runs: int) -> list[dict]:
+    rows = []
+    for b, g, (h, w), c, k in AGGREGATION:
+        attn = torch.randn(b, g, h, w, k * k).softmax(-1).requires_grad_()
+        value = channels_last(b, g * c, h, w, grad=True)
+        grad = torch.randn(b, g, h, w, c)
+
+        row = {'op': 'aggregation', 'shape': f'{b}x{g}x{h}x{w}x{c}, K={k}'}
+        for route in AGGREGATION_ROUTES:
+            row[f'{route}_fwd_ms'] = median_ms(runs, forward, aggregate, attn, value, route)
+            row[f'{route}_fwd_bwd_ms'] = median_ms(runs, forward_backward, aggregate, grad,
+                                                   attn, value, route)
+        rows.append(row)
+    return rows
+
+
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, '',
              '| 1x1 conv | PyTorch fwd | ours fwd | fwd GFLOP/s PyTorch / ours | PyTorch fwd+bwd '
@@ -125,6 +161,14 @@ def markdown(rows: list[dict], header: str) -> str:
                          f"{r['pytorch_fwd_bwd_ms']:.1f} ms | {r['ours_fwd_bwd_ms']:.1f} ms | "
                          f"{r['fwd_ms'] / r['ours_fwd_ms']:.1f}x / "
                          f"{r['pytorch_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.1f}x |")
+    routes = ' | '.join(AGGREGATION_ROUTES)
+    lines += ['', f'| aggregation, fwd / fwd+bwd (ms) | {routes} |',
+              '|---|' + '---|' * len(AGGREGATION_ROUTES)]
+    for r in rows:
+        if r['op'] == 'aggregation':
+            cells = ' | '.join(f"{r[f'{route}_fwd_ms']:.1f} / {r[f'{route}_fwd_bwd_ms']:.1f}"
+                               for route in AGGREGATION_ROUTES)
+            lines.append(f"| {r['shape']} | {cells} |")
     return '\n'.join(lines) + '\n'
 
 
@@ -137,7 +181,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     torch.manual_seed(0)
-    rows = bench_pointwise(args.runs) + bench_depthwise(args.runs)
+    rows = (bench_pointwise(args.runs) + bench_depthwise(args.runs)
+            + bench_aggregation(args.runs))
     command = 'python ' + ' '.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:])
     header = (f'Measured {time.strftime("%Y-%m-%d")} on {platform.machine()} '
               f'{os.cpu_count()} cores ({args.threads} threads), median of {args.runs} runs, '

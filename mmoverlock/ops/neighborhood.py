@@ -307,6 +307,7 @@ class _SparseAggregate(torch.autograd.Function):
                       b * g * pixels)
         out = torch.sparse.mm(matrix, values)
         ctx.save_for_backward(weights, values.view(b * g, pixels, c))
+        ctx.value_strides = value.stride()
         ctx.kernel_size = kernel_size
         return out.view(b, g, h, w, c)
 
@@ -326,10 +327,22 @@ class _SparseAggregate(torch.autograd.Function):
             grad_attn = torch.stack(sampled).view(b, g, h, w, -1)
         if need_value:
             transposed = weights.index_select(1, t_perm)
-            grad_value = torch.stack([
+            products = torch.stack([
                 torch.sparse.mm(_csr(t_crow, t_col, transposed[i], pixels), grad[i])
                 for i in range(b * g)]).view(b, g, h, w, c)
+            # in the values' own memory order (e.g. channels-last rows of channels when they are
+            # a view of a channels-last map), so the gradient flows back through the caller's
+            # reshapes as a view instead of a planar copy in a mixed layout
+            grad_value = _empty_in_order_of(ctx.value_strides, products).copy_(products)
         return grad_attn, grad_value, None
+
+
+def _empty_in_order_of(strides: tuple[int, ...], like: Tensor) -> Tensor:
+    """An empty tensor shaped like ``like`` whose dimensions are laid out in memory in the order
+    of ``strides`` (largest stride outermost)."""
+    order = sorted(range(len(strides)), key=lambda d: -strides[d])
+    buffer = like.new_empty([like.shape[d] for d in order])
+    return buffer.permute([order.index(d) for d in range(len(order))])
 
 
 def _aggregate_sparse(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:

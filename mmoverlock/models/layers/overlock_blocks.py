@@ -113,15 +113,17 @@ def dynamic_aggregate(x: Tensor, weights: list[Tensor]) -> Tensor:
     """Split x's channels into ``len(weights)`` equal parts, each into G groups, and aggregate each
     part with its own ``(B, G, H, W, K*K)`` neighbourhood weights; channel order is kept."""
     b, c, h, w = x.shape
-    parts = x.chunk(len(weights), dim=1)
-    out = []
-    for part, attn in zip(parts, weights):
-        g = attn.shape[1]
+    # the parts' results are written straight into channels-last memory (pixel-major rows of
+    # channels): one copy each, instead of a planar reshape, a concatenation and a layout change
+    rows = x.new_empty(b, h, w, c)
+    start = 0
+    for part, attn in zip(x.chunk(len(weights), dim=1), weights):
+        g, width = attn.shape[1], part.shape[1]
         value = part.reshape(b, g, -1, h, w).permute(0, 1, 3, 4, 2)  # (B, G, H, W, Cg)
         agg = neighborhood_aggregate(attn, value)
-        out.append(agg.permute(0, 1, 4, 2, 3).reshape(b, -1, h, w))
-    # the aggregation works on planar maps; hand back the layout the caller uses
-    return torch.cat(out, dim=1).contiguous(memory_format=memory_format_of(x))
+        rows[..., start:start + width].view(b, h, w, g, -1).copy_(agg.permute(0, 2, 3, 1, 4))
+        start += width
+    return rows.permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(x))
 
 
 class DynamicConvBlock(nn.Module):
@@ -196,8 +198,11 @@ class DynamicConvBlock(nn.Module):
             x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
             fused = F.interpolate(fused, size=size, mode='bilinear', align_corners=False)
         h, w = x.shape[-2:]
-        query = self.weight_query(fused[:, :self.dim]) * self.scale
-        key = self.weight_key(fused[:, self.dim:])
+        # split, not two slices: the backward then joins the two gradients in one concatenation
+        # instead of zero-filling the full width twice and adding
+        feature, context = fused.split([self.dim, fused.shape[1] - self.dim], dim=1)
+        query = self.weight_query(feature) * self.scale
+        key = self.weight_key(context)
         logits = contmix_logits(query, key, self.weight_proj.weight, self.weight_proj.bias,
                                 self.groups)
         small, large = logits.split([SMALL_KERNEL ** 2, self.kernel_size ** 2], dim=-1)
@@ -223,4 +228,5 @@ class DynamicConvBlock(nn.Module):
         x = self.ls2(x) + self.drop_path(self.mlp(self.norm2(x)))
         if self.is_last:
             return x, None
-        return x[:, :self.dim], x[:, self.dim:]
+        x, h = x.split([self.dim, x.shape[1] - self.dim], dim=1)
+        return x, h
