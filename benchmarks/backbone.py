@@ -3,8 +3,9 @@
 Every measurement runs in a fresh subprocess (so that its peak RSS is its own) and reports the
 median wall time of ``--runs`` timed repetitions after one warm-up. Implementations:
 
-- ``ours``: mmoverlock as shipped (channels-last layout, banded / tap-loop aggregation, 1x1
-  convolutions on oneDNN, the faster depthwise backward, selective recomputation in training);
+- ``ours``: mmoverlock as shipped (channels-last layout, the aggregation as a sparse matrix
+  product, 1x1 convolutions on oneDNN, the faster depthwise backward, selective recomputation in
+  training);
 - ``baseline``: the same network run as the authors' code runs it: the aggregation route
   re-implemented from the spec (values unfolded into every window, window grid replicate-padded:
   ``backend='unfold'``), the ordinary contiguous (NCHW) layout, PyTorch's own convolutions

@@ -72,6 +72,18 @@ def test_torch_backend_picks_the_route(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.allclose(out, neighborhood_aggregate(attn, value, backend=route))
 
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_torch_backend_handles_half_precision(dtype: torch.dtype) -> None:
+    # MKL's CSR product has no bf16 / fp16 kernels: such maps take another route
+    attn, value = inputs(1, 2, 9, 10, 4, 5)
+    attn, value = attn.to(dtype).requires_grad_(True), value.to(dtype).requires_grad_(True)
+    out = neighborhood_aggregate(attn, value, backend='torch')
+    out.float().sum().backward()
+    assert out.dtype == dtype and attn.grad is not None and value.grad is not None
+    expected = na2d_av_reference(attn.detach().float(), value.detach().float())
+    assert torch.allclose(out.float(), expected, atol=3e-2)
+
+
 def test_sparse_route_gradient_of_one_input_only() -> None:
     attn, value = inputs(2, 2, 7, 8, 3, 5, dtype=torch.float64)
     grad = torch.randn(2, 2, 7, 8, 3, dtype=torch.float64)

@@ -301,8 +301,11 @@ class _SparseAggregate(torch.autograd.Function):
         # all (image, group) pairs as one block-diagonal matrix: one product instead of B*G
         # (a few hundred fewer operator calls per block, which selective recomputation
         # intercepts one by one); its column indices are the pattern's, offset per block
-        offsets = torch.arange(0, b * g * pixels, pixels, dtype=col.dtype).view(-1, 1)
-        crow = torch.arange(0, b * g * pixels * taps + 1, taps, dtype=col.dtype)
+        # 64-bit indices only where the entries of the whole batch overflow int32
+        index_dtype = col.dtype if b * g * pixels * taps < 2**31 else torch.int64
+        col = col.to(index_dtype)
+        offsets = torch.arange(0, b * g * pixels, pixels, dtype=index_dtype).view(-1, 1)
+        crow = torch.arange(0, b * g * pixels * taps + 1, taps, dtype=index_dtype)
         matrix = _csr(crow, (col.view(1, -1) + offsets).view(-1), weights.view(-1),
                       b * g * pixels)
         out = torch.sparse.mm(matrix, values)
@@ -410,7 +413,10 @@ def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
 
 def _torch_route(value: Tensor, kernel_size: int) -> str:
     """The pure-PyTorch route for these operands (see the module docstring)."""
-    if value.device.type == 'cpu' and torch.backends.mkl.is_available():
+    # MKL's CSR product takes float32 / float64 only (bf16 / fp16 maps, e.g. under autocast,
+    # take the routes below)
+    if (value.device.type == 'cpu' and value.dtype in (torch.float32, torch.float64)
+            and torch.backends.mkl.is_available()):
         return 'sparse'
     return 'banded' if value.shape[3] <= BANDED_MAX_WIDTH_RATIO * kernel_size else 'taps'
 

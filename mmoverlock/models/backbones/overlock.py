@@ -83,7 +83,8 @@ class OverLoCK(DenseBackbone):
             leading blocks checkpointed in ``blocks1, blocks2, blocks3, blocks4, sub_blocks3,
             sub_blocks4``. Checkpointed blocks keep only their input for backward.
         selective_cp: In training, keep only the outputs of dense convolutions and matrix
-            products for backward (not those of the MLPs' widening 1x1 convs) and recompute the
+            products for backward (not those of 1x1 convs that widen a narrow map, see
+            :func:`~mmoverlock.models.utils.recompute.save_dense_products`) and recompute the
             cheap operators (depthwise convolutions, norms, activations) of every block not
             covered by ``with_cp``; the stem is recomputed whole (also with ``with_cp``). Less
             than half the training memory at a small cost in time; BatchNorm statistics are
