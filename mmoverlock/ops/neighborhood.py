@@ -11,9 +11,11 @@ The pure-PyTorch backend (``backend='torch'``) has three routes:
 - ``'sparse'``, on the CPU (with MKL): per (image, group) the aggregation is a sparse matrix with
   ``K * K`` entries per row, the weights as they are, times the ``(H*W, C)`` values; MKL's CSR
   product does it in one call, the backward is the transposed product and a sampled dense product
-  (``torch.sparse.sampled_addmm``). Measured, 1 thread, forward / backward: 3.5 / 12.8 ms for
-  2x8x32x32x16 values with K = 13 (banded 11.1 / 13.5 ms), 0.6 / 1.5 ms with K = 5 (tap loop
-  3.7 / 9.8 ms), 7.1 ms forward on a 1x8x50x76x16 detection map (tap loop 34 ms).
+  (``torch.sparse.sampled_addmm``). Forward / forward + backward, 1 thread
+  (``benchmarks/results/ops.md``): 4.1 / 19.5 ms for 2x8x32x32x16 values with K = 13 (banded
+  10.8 / 29.7 ms), 0.8 / 3.6 ms with K = 5 (banded 3.6 / 10.2, tap loop 3.9 / 14.9 ms), 7.8 /
+  39.5 ms on a 1x8x50x76x16 detection map (tap loop 34.8 / 128.8 ms). float32 / float64 only
+  (MKL has no half-precision CSR product).
 
 Elsewhere (CUDA without natten), by shape:
 
