@@ -50,8 +50,9 @@ __all__ = ['window_starts', 'window_index', 'bias_index', 'relative_position_bia
 
 BACKEND_ENV = 'MMOVERLOCK_NA_BACKEND'
 BACKENDS = ('auto', 'torch', 'sparse', 'banded', 'taps', 'natten', 'unfold')
-#: ``backend='torch'`` takes the banded route while ``W <= BANDED_MAX_WIDTH_RATIO * K``
-#: (measured on CPU: 3-8x faster than the tap loop at W / K ~ 1-2.5, slower beyond ~5).
+#: Where the sparse route does not apply, ``backend='torch'`` takes the banded route while
+#: ``W <= BANDED_MAX_WIDTH_RATIO * K`` (measured on CPU: 3-8x faster than the tap loop at
+#: W / K ~ 1-2.5, slower beyond ~5).
 BANDED_MAX_WIDTH_RATIO = 5
 
 
