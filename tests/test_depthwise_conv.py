@@ -5,12 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmoverlock.ops import depthwise_conv, depthwise_conv2d, memory_format_of
+from mmoverlock.ops import cpu_routes, depthwise_conv, depthwise_conv2d, memory_format_of
 from mmoverlock.ops.depthwise_conv import (
     FFT_MIN_KERNEL,
     _fft_size,
     channels_first,
-    depthwise_weight_grad,
     depthwise_weight_grad_fft,
     depthwise_weight_grad_grouped,
 )
@@ -73,27 +72,6 @@ def test_weight_grad_routes_are_the_cross_correlation(route, kernel_size: int,
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize('kernel_size,dilation,fft_min_pixels',
-                         [(3, 1, 0), (3, 2, 0), (9, 1, 0), (FFT_MIN_KERNEL, 1, 0),
-                          (FFT_MIN_KERNEL, 1, 10 ** 9)])
-def test_weight_grad_dispatch_matches_the_definition(kernel_size: int, dilation: int,
-                                                     fft_min_pixels: int, monkeypatch) -> None:
-    # each route of the dispatcher (PyTorch's for 3x3, grouped conv, FFT), channels-last input
-    monkeypatch.setattr(depthwise_conv, 'FFT_MIN_PIXELS', fft_min_pixels)
-    fft_calls = []
-    monkeypatch.setattr(depthwise_conv, 'depthwise_weight_grad_fft',
-                        lambda *args: fft_calls.append(args) or depthwise_weight_grad_fft(*args))
-    torch.manual_seed(1)
-    x, grad = (torch.randn(2, 3, 21, 19).contiguous(memory_format=torch.channels_last)
-               for _ in range(2))
-    weight = torch.randn(3, 1, kernel_size, kernel_size)
-    expected = _weight_grad_by_definition(x.double(), grad.double(), kernel_size, dilation)
-    got = depthwise_weight_grad(x, grad, weight, dilation)
-    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
-    takes_fft = kernel_size >= FFT_MIN_KERNEL and dilation == 1 and fft_min_pixels == 0
-    assert bool(fft_calls) == takes_fft
-
-
 @pytest.mark.parametrize('kernel_size,dilation', [(3, 1), (5, 2), (FFT_MIN_KERNEL, 1)])
 def test_gradcheck_float64(kernel_size: int, dilation: int) -> None:
     x = torch.randn(1, 2, 12, 13, dtype=torch.float64, requires_grad=True)
@@ -130,14 +108,16 @@ def test_rejects_non_depthwise_kernels() -> None:
 
 
 @pytest.mark.parametrize('kernel_size,dilation,conv_pad,conv_kernel',
-                         [(9, 2, 6, 9), (3, 7, 6, 3), (5, 4, 6, 5), (3, 5, 5, 3), (13, 1, 7, 15),
+                         [(9, 2, 0, 9), (3, 7, 0, 3), (5, 4, 0, 5), (3, 5, 0, 3), (13, 1, 7, 15),
                           (11, 1, 7, 15), (17, 1, 8, 17), (7, 1, 3, 7)])
 @pytest.mark.parametrize('grad', [False, True])
 def test_same_conv_routes_around_slow_onednn_kernels(monkeypatch, kernel_size: int, dilation: int,
                                                      conv_pad: int, conv_kernel: int,
                                                      grad: bool) -> None:
-    """Large dilated paddings are applied beforehand and 11x11 / 13x13 kernels run embedded in
-    15x15 ones, in inference and training alike, with PyTorch's result."""
+    """With the fixed routes (no measuring), dilated kernels are padded beforehand and 11x11 /
+    13x13 kernels run embedded in 15x15 ones, in inference and training alike, with PyTorch's
+    result; the baseline switch runs plain ``F.conv2d``."""
+    monkeypatch.setitem(cpu_routes._state, 'mode', 'fixed')
     torch.manual_seed(kernel_size)
     x = torch.randn(2, 4, 21, 26).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(4, 1, kernel_size, kernel_size)

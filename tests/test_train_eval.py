@@ -4,11 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 from helpers import find_log, load_tool, train_iterations, write_tiny_config
+from mmengine.evaluator import Evaluator
+from mmengine.registry import init_default_scope
 
-from mmoverlock.apis import run_demo
+from mmoverlock.apis import load_config, run_demo
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
@@ -17,11 +20,58 @@ def _checkpoint_iter(path: Path) -> int:
     return torch.load(path, map_location='cpu', weights_only=True)['meta']['iter']
 
 
+def _evaluate(cfg_path: str, samples: list[dict]) -> dict:
+    """Metrics of the config's own test evaluator for ``samples`` (prediction dicts)."""
+    cfg = load_config(cfg_path)
+    evaluator = Evaluator(cfg.test_evaluator)
+    dataset = build_dataset(cfg)
+    evaluator.dataset_meta = dataset.metainfo
+    evaluator.process(data_samples=samples)
+    return evaluator.evaluate(len(samples))
+
+
+def build_dataset(cfg):
+    from mmengine.registry import DATASETS
+    init_default_scope(cfg.default_scope)
+    return DATASETS.build(cfg.test_dataloader.dataset)
+
+
+def _ground_truth_as_detections(cfg_path: str) -> list[dict]:
+    """Every annotated object of the test split, as a detection with score 1."""
+    from pycocotools.coco import COCO
+    cfg = load_config(cfg_path)
+    coco = COCO(cfg.test_evaluator.ann_file)
+    cat_ids = sorted(coco.getCatIds())
+    samples = []
+    for img_id in coco.getImgIds():
+        info = coco.loadImgs(img_id)[0]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id))
+        boxes = [[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2],
+                  a['bbox'][1] + a['bbox'][3]] for a in anns]
+        samples.append(dict(img_id=img_id, ori_shape=(info['height'], info['width']),
+                            pred_instances=dict(
+                                bboxes=torch.tensor(boxes, dtype=torch.float32),
+                                scores=torch.ones(len(anns)),
+                                labels=torch.tensor([cat_ids.index(a['category_id'])
+                                                     for a in anns]),
+                                masks=torch.from_numpy(np.stack(
+                                    [coco.annToMask(a) for a in anns])).bool())))
+    return samples
+
+
 def test_det_demo_trains_evaluates_and_draws(tiny_det_config: str, tmp_path: Path) -> None:
+    # The evaluator as configured scores the ground truth as perfect (annotation file, category
+    # order and mask encoding agree with the data)...
+    perfect = _evaluate(tiny_det_config, _ground_truth_as_detections(tiny_det_config))
+    assert perfect['coco/bbox_mAP'] == perfect['coco/segm_mAP'] == 1.0
     result = run_demo(tiny_det_config, str(tmp_path / 'work'), num_images=2)
     metrics = result['metrics']
+    # ... and the trained model's checkpoint, evaluated again by tools/test.py, scores exactly
+    # what the run reported (the checkpoint holds the evaluated model).
+    again = load_tool('test').main([tiny_det_config, result['checkpoint'],
+                                    '--work-dir', str(tmp_path / 'test')])
     for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'):
-        assert 0.0 <= metrics[key] <= 1.0, key
+        assert again[key] == metrics[key], key
     assert train_iterations(str(tmp_path / 'work')) == [1, 2]
     assert _checkpoint_iter(Path(result['checkpoint'])) == 2
     picture = cv2.imread(result['picture'])
@@ -31,9 +81,21 @@ def test_det_demo_trains_evaluates_and_draws(tiny_det_config: str, tmp_path: Pat
 
 
 def test_seg_demo_trains_evaluates_and_draws(tiny_seg_config: str, tmp_path: Path) -> None:
+    # The configured evaluator scores the ground truth as perfect...
+    dataset = build_dataset(load_config(tiny_seg_config))
+    samples = []
+    for i in range(len(dataset)):
+        gt = dataset[i]['data_samples'].gt_sem_seg.data
+        samples.append(dict(pred_sem_seg=dict(data=gt), gt_sem_seg=dict(data=gt)))
+    perfect = _evaluate(tiny_seg_config, samples)
+    assert perfect['mIoU'] == perfect['aAcc'] == 100.0
     result = run_demo(tiny_seg_config, str(tmp_path / 'work'), num_images=1)
     metrics = result['metrics']
-    assert 0.0 <= metrics['mIoU'] <= 100.0 and 0.0 <= metrics['aAcc'] <= 100.0
+    # ... and tools/test.py on the saved checkpoint reproduces the run's metrics.
+    again = load_tool('test').main([tiny_seg_config, result['checkpoint'],
+                                    '--work-dir', str(tmp_path / 'test')])
+    for key in ('mIoU', 'aAcc', 'mAcc'):
+        assert again[key] == metrics[key], key
     assert train_iterations(str(tmp_path / 'work')) == [1, 2]
     assert cv2.imread(result['picture']).shape[1] == 2 * 2 * 64
 

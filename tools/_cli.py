@@ -5,19 +5,23 @@ import os
 import sys
 from typing import Callable
 
-from mmoverlock.apis.errors import UsageError
-from mmoverlock.utils.cpu_allocator import keep_freed_memory
+from mmoverlock.apis.errors import user_error_types
+from mmoverlock.utils.cpu_allocator import tune_malloc_for
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run ``main``; report a :class:`UsageError` as one line on stderr and exit with status 2.
+    """Run ``main``; report an error the user can fix (:func:`user_error_types`: a
+    :class:`UsageError`, a corrupt or code-running checkpoint, a bad input batch, NaN / inf in
+    training) as one ``error: ...`` line on stderr and exit with status 2.
 
-    Large freed blocks stay in the process for reuse (:func:`keep_freed_memory`, faster on CPU).
+    On a CPU run large freed blocks stay in the process for reuse (:func:`tune_malloc_for`); the
+    device is the one mmengine's Runner uses (CUDA whenever it is available), which no config
+    changes.
     """
-    keep_freed_memory()
+    tune_malloc_for()
     try:
         main()
-    except UsageError as err:
+    except user_error_types() as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(2)
     close_process_group()

@@ -5,16 +5,21 @@
 
 For each task: generate the shapes data set if it is missing (data/demo/), train the demo config
 from scratch (Mask R-CNN: configs/detection/maskrcnn_overlock_xt_demo.py; UperNet:
-configs/segmentation/upernet_overlock_xt_demo.py), evaluate it (COCO box / mask AP; mIoU) and
-write ground truth next to predictions to <work dir>/<task>/predictions.png. The two tasks train
-side by side, one process and one thread each (on this project's 2-core machine a second
-intra-op thread made a training step slower, not faster).
+configs/segmentation/upernet_overlock_xt_demo.py), evaluate it (COCO box / mask AP; mIoU), write
+ground truth next to predictions to <work dir>/<task>/predictions.png, and run the saved
+checkpoint through mmdet's / mmseg's inferencer on the photograph demo/images/coffee.jpg
+(<work dir>/<task>/photo/coffee.png). The two tasks train side by side, one process and one
+thread each (on this project's 2-core machine a second intra-op thread made a training step
+slower, not faster); each process writes its output to <work dir>/<task>/console.log while the
+terminal shows one progress bar per task (iteration / total, loss, ETA), or a plain line every
+tenth of the run when the output is not a terminal.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import os.path as osp
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -26,7 +31,16 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 from _cli import run_main
 from mmengine.config import DictAction
 
-from mmoverlock.apis import load_config, run_demo, summarize_metrics
+from mmoverlock.apis import (
+    STATUS_FILE,
+    ProgressDisplay,
+    UsageError,
+    ensure_demo_data_for,
+    follow,
+    load_config,
+    run_demo,
+    summarize_metrics,
+)
 from mmoverlock.datasets import ensure_demo_data
 from mmoverlock.utils.cpu_allocator import keep_freed_memory
 
@@ -44,26 +58,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='outputs go to <work dir>/det and <work dir>/seg')
     parser.add_argument('--iters', type=int,
                         help="training iterations (default: the config's; the lr schedule is "
-                        'not shortened)')
+                        'not shortened); --iters 2 checks the whole path without the long training')
     parser.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1),
                         help='tasks trained at the same time (default: 2 if there are 2 cores)')
     parser.add_argument('--data-only', action='store_true', help='only generate the data sets')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='override entries of the demo configs')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.iters is not None and args.iters < 1:
+        raise UsageError(f'--iters must be at least 1, got {args.iters}')
+    return args
 
 
-def run_task(task: str, work_dir: str, options: dict, threads: int, log_file: str = '') -> dict:
-    """Train, evaluate and draw one task (in this process, or in a worker writing ``log_file``)."""
+def run_task(config: str, work_dir: str, options: dict, threads: int, log_file: str,
+             progress_file: str) -> dict:
+    """Train, evaluate and draw one task in a worker process whose output goes to ``log_file``."""
     import torch
-    if log_file:
-        os.makedirs(osp.dirname(log_file), exist_ok=True)
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
+    os.makedirs(osp.dirname(log_file), exist_ok=True)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
     torch.set_num_threads(threads)
     keep_freed_memory()  # a spawned worker does not inherit the parent's malloc settings
-    return run_demo(CONFIGS[task], osp.join(work_dir, task), options)
+    return run_demo(config, work_dir, options, progress_file=progress_file)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -78,27 +95,38 @@ def main(argv: list[str] | None = None) -> dict:
         options.update({'train_cfg.max_iters': args.iters,
                         'default_hooks.checkpoint.interval': args.iters})
     for task in tasks:  # before any worker starts, so that two never write the same files
-        ensure_demo_data(task)
+        ensure_demo_data_for(load_config(CONFIGS[task], options))
     jobs = max(1, min(args.jobs, len(tasks)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    logs = {t: osp.join(args.work_dir, t, 'console.log') for t in tasks}
+    status_files = {t: osp.join(args.work_dir, t, STATUS_FILE) for t in tasks}
+    for path in status_files.values():  # a previous run's status is not this run's
+        if osp.exists(path):
+            os.remove(path)
+    how = 'side by side' if jobs > 1 else 'one after the other'
+    print(f'training {" and ".join(tasks)} {how} ({threads} thread(s) each); their output goes '
+          f'to {" and ".join(logs.values())}', flush=True)
     start, results = time.time(), {}
-    if jobs == 1:
-        for task in tasks:
-            results[task] = run_task(task, args.work_dir, options, threads)
-    else:
-        logs = {t: osp.join(args.work_dir, t, 'console.log') for t in tasks}
-        print(f'training {" and ".join(tasks)} side by side ({threads} thread(s) each); '
-              f'follow {" and ".join(logs.values())}', flush=True)
-        with ProcessPoolExecutor(jobs, mp_context=get_context('spawn')) as pool:
-            futures = {t: pool.submit(run_task, t, args.work_dir, options, threads, logs[t])
-                       for t in tasks}
-            results = {t: f.result() for t, f in futures.items()}
+    display = ProgressDisplay(tasks)
+    with ProcessPoolExecutor(jobs, mp_context=get_context('spawn')) as pool:
+        futures = {t: pool.submit(run_task, CONFIGS[t], args.work_dir, options, threads, logs[t],
+                                  status_files[t]) for t in tasks}
+        try:
+            follow(futures, status_files, display)
+        finally:
+            display.close()
+    for task, future in futures.items():
+        if future.exception() is not None:
+            print(f'{task} failed; its output is in {logs[task]}', file=sys.stderr)
+            raise future.exception()
+        results[task] = future.result()
     print('\n== demo summary ==')
     for task, result in results.items():
         cfg = load_config(CONFIGS[task])
         print(f'{task}: {summarize_metrics(cfg, result["metrics"])} '
               f'({result["seconds"] / 60:.1f} min)')
         print(f'     picture: {result["picture"]}')
+        print(f'     photo: {result["photo"]}')
         print(f'     checkpoint: {result["checkpoint"]}')
     print(f'total: {(time.time() - start) / 60:.1f} min')
     return results

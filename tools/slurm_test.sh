@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Evaluation on a SLURM cluster.
 #   GPUS=8 bash tools/slurm_test.sh PARTITION JOB_NAME CONFIG CHECKPOINT [test.py options...]
+# Python: <repo>/.venv/bin/python when it exists, else $PYTHON, else python3 (tools/_python.sh);
+# the nodes run the same path, so the repository must be on a file system they share.
 set -euo pipefail
 PARTITION=$1
 JOB_NAME=$2
 CONFIG=$3
 CHECKPOINT=$4
 shift 4
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=tools/_python.sh
+source "$ROOT/tools/_python.sh"
+PY=$(mmoverlock_python "$ROOT")
 GPUS=${GPUS:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-}
-PYTHON=${PYTHON:-python}
 # shellcheck disable=SC2086
 srun -p "$PARTITION" --job-name="$JOB_NAME" --gres=gpu:"$GPUS_PER_NODE" \
     --ntasks="$GPUS" --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" \
     --kill-on-bad-exit=1 $SRUN_ARGS \
-    "$PYTHON" -u "$(dirname "$0")/test.py" "$CONFIG" "$CHECKPOINT" --launcher slurm "$@"
+    "$PY" -u "$ROOT/tools/test.py" "$CONFIG" "$CHECKPOINT" --launcher slurm "$@"

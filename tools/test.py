@@ -15,7 +15,6 @@ from mmengine.config import DictAction
 
 from mmoverlock.apis import (
     build_runner,
-    check_checkpoint_path,
     configure_run,
     library_of,
     load_checkpoint_strict,
@@ -24,6 +23,7 @@ from mmoverlock.apis import (
     setup_distributed,
     unwrap,
 )
+from mmoverlock.utils.safe_checkpoint import check_checkpoint_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='override config entries')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
+    parser.add_argument('--skip-checks', action='store_true',
+                        help="skip the preflight checks of the config (neck / head widths, class "
+                        'counts, data paths), e.g. when one rejects a valid config')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     return parser.parse_args(argv)
 
@@ -57,8 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_local_rank(args.local_rank)
     cfg = load_config(args.config, args.cfg_options)
     configure_run(cfg, args.config, args.work_dir, args.launcher)
-    check_checkpoint_path(args.checkpoint, 'checkpoint')
-    prepare_config(cfg, 'test')
+    prepare_config(cfg, 'test', checkpoint=args.checkpoint, skip_checks=args.skip_checks)
+    if '://' not in args.checkpoint:  # truncated / damaged: say so before building the model
+        check_checkpoint_file(args.checkpoint)
     cfg.load_from, cfg.resume = None, False  # loaded below, strictly
     cfg.model.backbone.init_cfg = None
     if args.show_dir:

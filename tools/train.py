@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         'model.backbone.init_cfg=None')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
                         help='job launcher (pytorch: torchrun, slurm: srun)')
+    parser.add_argument('--skip-checks', action='store_true',
+                        help="skip the preflight checks of the config (neck / head widths, class "
+                        'counts, data and checkpoint paths), e.g. when one rejects a valid config')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     return parser.parse_args(argv)
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.cfg_options)
     configure_run(cfg, args.config, args.work_dir, args.launcher)
     configure_training(cfg, args.resume, args.amp, args.auto_scale_lr)
-    prepare_config(cfg, 'train')
+    prepare_config(cfg, 'train', skip_checks=args.skip_checks)
     setup_distributed(cfg)
     build_runner(cfg).train()
 

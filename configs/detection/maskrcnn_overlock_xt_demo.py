@@ -43,6 +43,9 @@ train_pipeline = [
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs'),
 ]
+# As mmdet's COCO test pipeline (Resize to scale (1333, 800), keep_ratio) at the demo's training
+# scale: a photograph of any size is run with its long side at 128; boxes and masks come back at
+# the image's own size (mmdet rescales them to ori_shape).
 test_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='Resize', scale=img_scale, keep_ratio=True),

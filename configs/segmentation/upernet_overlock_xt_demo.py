@@ -25,8 +25,13 @@ train_pipeline = [
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackSegInputs'),
 ]
+# As mmseg's ADE20K test pipeline (Resize to scale (2048, 512), keep_ratio), scaled to the demo's
+# 128-pixel training size: the 128x128 demo images stay as they are, a photograph is run at a
+# short side of 128 (a 6000x4000 one at 192x128 instead of its full size), and the predicted map
+# is still returned at the image's own size (mmseg resizes the logits to ori_shape).
 test_pipeline = [
     dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(512, 128), keep_ratio=True),
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='PackSegInputs'),
 ]

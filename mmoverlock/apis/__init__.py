@@ -1,4 +1,4 @@
-"""Training, testing, checkpoint conversion and the demo, as used by ``tools/``.
+"""Training, testing, inference, checkpoint conversion and the demo, as used by ``tools/``.
 
 Imported explicitly (``import mmoverlock.apis``): it needs mmdet or mmseg, the backbones do not.
 """
@@ -20,7 +20,7 @@ from .convert import (
                      load_checkpoint_strict,
                      read_checkpoint,
 )
-from .demo import draw_predictions, run_demo, summarize_metrics
+from .demo import DEMO_PHOTO, draw_predictions, infer_photo, run_demo, summarize_metrics
 from .errors import (
                      CheckpointMismatchError,
                      CheckpointNotFoundError,
@@ -28,6 +28,13 @@ from .errors import (
                      ConfigNotFoundError,
                      DataNotFoundError,
                      UsageError,
+)
+from .inference import (
+                     build_inferencer,
+                     check_device,
+                     check_score_thr,
+                     expand_images,
+                     infer_images,
 )
 from .launch import (
                      build_model,
@@ -38,8 +45,20 @@ from .launch import (
                      setup_distributed,
                      unwrap,
 )
+from .progress import (
+                     STATUS_FILE,
+                     ProgressDisplay,
+                     ProgressFileHook,
+                     follow,
+                     format_status,
+                     read_status,
+                     write_status,
+)
 
 __all__ = [
+    'DEMO_PHOTO', 'STATUS_FILE', 'ProgressDisplay', 'ProgressFileHook', 'build_inferencer',
+    'check_device', 'check_score_thr', 'expand_images', 'follow', 'format_status', 'infer_images',
+    'infer_photo', 'read_status', 'write_status',
     'CheckpointMismatchError', 'CheckpointNotFoundError', 'ConfigMismatchError',
     'ConfigNotFoundError', 'DataNotFoundError', 'UsageError', 'build_model', 'build_runner',
     'check_checkpoint_path', 'check_data_paths', 'check_model_config', 'check_pretrained',

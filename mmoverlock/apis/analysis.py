@@ -8,7 +8,8 @@ backbones) is never applied.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from mmengine.config import Config
@@ -18,10 +19,14 @@ from torch import Tensor, nn
 from .config import load_config
 from .errors import UsageError
 
+if TYPE_CHECKING:
+    from ..utils.flops import Complexity
+
 __all__ = ['BENCHMARK_MODES', 'CLASSIFIERS', 'REPARAM_METHODS', 'benchmark_config',
            'benchmark_model', 'build_backbone', 'build_config_model', 'convert_for_inference',
-           'count_config_complexity', 'fuse_conv_bn', 'model_device', 'preprocessed_inputs',
-           'reparameterize_model', 'synthetic_batch', 'synthetic_data_samples']
+           'count_config_complexity', 'count_model_complexity', 'deployed_modules',
+           'fuse_conv_bn', 'model_device', 'preprocessed_inputs', 'reparameterize_model',
+           'synthetic_batch', 'synthetic_data_samples']
 
 #: Methods that switch a module to its re-parameterised (deploy) form, in order of preference.
 REPARAM_METHODS = ('reparameterize', 'switch_to_deploy')
@@ -197,7 +202,62 @@ def preprocessed_inputs(model: nn.Module, shape: Sequence[int], batch_size: int 
     return data['inputs'], data['data_samples']
 
 
-def count_config_complexity(model: nn.Module, shape: Sequence[int], batch_size: int = 1):
+def deployed_modules(model: nn.Module) -> list[str]:
+    """Names of the outermost modules of ``model`` already in their re-parameterised (deploy)
+    form: those with one of :data:`REPARAM_METHODS` and ``deploy`` set (e.g. an OverLoCK built
+    with ``deploy=True`` or converted by ``reparameterize()``)."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if any(_within(name, parent) for parent in found):
+            continue
+        if getattr(module, 'deploy', False) is True and any(
+                callable(getattr(module, m, None)) for m in REPARAM_METHODS):
+            found.append(name)
+    return found
+
+
+def count_model_complexity(model: nn.Module,
+                           inputs: Union[Tensor, Sequence[Any], Mapping[str, Any],
+                                         Callable[[], Any]],
+                           train_form: bool = False,
+                           exclude_params: Sequence[str] = ()) -> Complexity:
+    """:func:`mmoverlock.utils.flops.count_complexity` of ``model`` in the form it is in, or in its
+    training form.
+
+    A model is counted as it runs in eval mode without autograd: a re-parameterised model as its
+    single K x K kernels, and so is a training-form OverLoCK, whose DilatedReparamBlocks then merge
+    their branches on the fly. ``train_form`` counts the training form as defined instead: every
+    branch conv of every DilatedReparamBlock on its own (the large K x K kernel and each small
+    dilated ``k x k`` one, ``k * k`` taps each).
+
+    Args:
+        model: The model, in eval mode; for ``train_form`` not re-parameterised.
+        inputs: As for :func:`~mmoverlock.utils.flops.count_complexity`.
+        train_form: Count the training form's branches (see above).
+        exclude_params: Parameter-name prefixes not counted (e.g. ``('aux_head.',)``).
+
+    Returns:
+        :class:`mmoverlock.utils.flops.Complexity`.
+
+    Raises:
+        UsageError: ``train_form`` for a model already in its deploy form.
+    """
+    from ..models.layers.dilated_reparam import separate_branches
+    from ..utils.flops import count_complexity
+    if train_form:
+        deployed = deployed_modules(model)
+        if deployed:
+            names = ', '.join(repr(n) if n else 'the whole model' for n in deployed)
+            raise UsageError(
+                'the training form cannot be counted: already re-parameterised (deploy=True): '
+                f'{names}. Build the model without deploy=True and without calling '
+                'reparameterize(), or count the deploy form (no --train-form / train_form=False)')
+    with separate_branches() if train_form else nullcontext():
+        return count_complexity(model, inputs, exclude_params=exclude_params)
+
+
+def count_config_complexity(model: nn.Module, shape: Sequence[int], batch_size: int = 1,
+                            train_form: bool = False) -> Complexity:
     """MACs and parameters of a detector / segmentor's network forward (``mode='tensor'``: no
     post-processing) on one synthetic batch of images of ``shape``.
 
@@ -205,12 +265,19 @@ def count_config_complexity(model: nn.Module, shape: Sequence[int], batch_size: 
     so their share depends on the weights; segmentors' auxiliary heads (training only) are not
     run, their parameters are counted.
 
+    Args:
+        model: The detector / segmentor, in eval mode.
+        shape: Image size (H, W).
+        batch_size: Images in the batch.
+        train_form: Count the training form of the re-parameterisable blocks, every branch on
+            its own (:func:`count_model_complexity`).
+
     Returns:
         :class:`mmoverlock.utils.flops.Complexity`.
     """
-    from ..utils.flops import count_complexity
     inputs, samples = preprocessed_inputs(model, shape, batch_size)
-    return count_complexity(model, lambda: model(inputs, samples, mode='tensor'))
+    return count_model_complexity(model, lambda: model(inputs, samples, mode='tensor'),
+                                  train_form=train_form)
 
 
 # ----------------------------------------------------------------------------------------------

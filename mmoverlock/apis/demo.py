@@ -1,6 +1,8 @@
 """The demo: train OverLoCK-XT on the built-in shapes data, evaluate, draw predictions.
 
-Used by ``tools/demo.py``; each task is one :func:`run_demo` call.
+Used by ``tools/demo.py``; each task is one :func:`run_demo` call. After training, the saved
+checkpoint also goes through the library's own inferencer (:mod:`mmoverlock.apis.inference`) on a
+real photograph that the repository ships (:data:`DEMO_PHOTO`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ from mmengine.dataset import pseudo_collate
 from mmengine.logging import print_log
 
 from .config import library_of, load_config, prepare_config
+from .errors import UsageError
+from .inference import build_inferencer, infer_images
 from .launch import build_runner, configure_run, unwrap
+from .progress import ProgressFileHook, write_status
 
 if TYPE_CHECKING:
     from mmengine.runner import Runner
@@ -26,6 +31,10 @@ if TYPE_CHECKING:
 HEADLINE_METRICS = {'mmdet': ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP',
                               'coco/segm_mAP_50'),
                     'mmseg': ('mIoU', 'aAcc', 'mAcc')}
+#: The photograph the demo runs its trained models on (CC0; source and licence in
+#: demo/images/LICENSE.md). In a source checkout only: it is not part of the installed package.
+DEMO_PHOTO = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'demo',
+                      'images', 'coffee.jpg')
 
 
 def _caption(frame: np.ndarray, text: str) -> np.ndarray:
@@ -70,27 +79,73 @@ def draw_predictions(runner: Runner, out_file: str, indices: Sequence[int] = (0,
 
 
 def run_demo(config: str, work_dir: str, cfg_options: Optional[dict] = None,
-             num_images: int = 4) -> dict:
-    """Train the demo config, evaluate it once on the test split and draw predictions.
+             num_images: int = 4, progress_file: Optional[str] = None,
+             photo: Optional[str] = DEMO_PHOTO) -> dict:
+    """Train the demo config, evaluate it once on the test split, draw predictions and run the
+    saved checkpoint through the library's inferencer on ``photo``.
 
-    Returns ``dict(metrics=..., picture=..., checkpoint=..., seconds=...)``.
+    Args:
+        config: the demo config (or any config training from scratch on local data).
+        work_dir: logs, checkpoint, ``predictions.png`` and ``photo/<photo name>.png`` go here.
+        cfg_options: ``--cfg-options`` pairs merged into the config.
+        num_images: test images drawn into ``predictions.png``.
+        progress_file: if given, the run's progress is written there as it goes
+            (:class:`~mmoverlock.apis.progress.ProgressFileHook`), for ``tools/demo.py``'s display.
+        photo: an image file to draw the trained model's prediction on (None: none).
+
+    Returns:
+        ``dict(metrics=..., picture=..., photo=..., checkpoint=..., seconds=...)``; ``photo`` is
+        the drawn prediction of ``photo`` (None without one).
     """
     start = time.time()
-    cfg = load_config(config, cfg_options)
-    configure_run(cfg, config, work_dir)
-    prepare_config(cfg, 'train')
-    # One evaluation, after training, whose metrics come back to the caller.
-    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
-    runner = build_runner(cfg)
-    runner.train()
-    metrics = runner.test()
-    picture = draw_predictions(runner, osp.join(cfg.work_dir, 'predictions.png'),
-                               indices=range(num_images))
-    checkpoint = osp.join(cfg.work_dir, f'iter_{runner.iter}.pth')
+
+    def status(phase: str, message: str = '') -> None:
+        if progress_file:
+            write_status(progress_file, phase=phase, message=message,
+                         elapsed=time.time() - start)
+
+    if photo is not None and not osp.isfile(photo):
+        raise UsageError(f'demo photograph {photo!r} does not exist; it ships with the '
+                         'repository (demo/images/), run the demo from a source checkout')
+    status('start', 'building the model and data')
+    try:
+        cfg = load_config(config, cfg_options)
+        configure_run(cfg, config, work_dir)
+        prepare_config(cfg, 'train')
+        # One evaluation, after training, whose metrics come back to the caller.
+        cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+        runner = build_runner(cfg)
+        if progress_file:
+            runner.register_hook(ProgressFileHook(progress_file))
+        runner.train()
+        metrics = runner.test()
+        status('draw', 'test images')
+        picture = draw_predictions(runner, osp.join(cfg.work_dir, 'predictions.png'),
+                                   indices=range(num_images))
+        checkpoint = osp.join(cfg.work_dir, f'iter_{runner.iter}.pth')
+        drawn_photo = None
+        if photo is not None:
+            status('draw', f'inference on {osp.basename(photo)}')
+            drawn_photo = infer_photo(config, cfg_options, checkpoint, photo,
+                                      osp.join(cfg.work_dir, 'photo'))
+    except BaseException as err:
+        status('failed', f'{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}')
+        raise
     seconds = time.time() - start
-    print_log(f'demo {osp.basename(config)}: {summarize_metrics(cfg, metrics)} in {seconds:.0f} s; '
-              f'picture {picture}', logger='current')
-    return dict(metrics=metrics, picture=picture, checkpoint=checkpoint, seconds=seconds)
+    summary = summarize_metrics(cfg, metrics)
+    status('done', summary)
+    print_log(f'demo {osp.basename(config)}: {summary} in {seconds:.0f} s; picture {picture}'
+              + (f', photo {drawn_photo}' if drawn_photo else ''), logger='current')
+    return dict(metrics=metrics, picture=picture, photo=drawn_photo, checkpoint=checkpoint,
+                seconds=seconds)
+
+
+def infer_photo(config: str, cfg_options: Optional[dict], checkpoint: str, photo: str,
+                out_dir: str) -> str:
+    """Draw the prediction of ``checkpoint`` on ``photo`` with the library's inferencer, as
+    ``tools/infer.py`` does; returns the drawn file (``<out_dir>/<photo name>.png``)."""
+    inferencer = build_inferencer(config, checkpoint, cfg_options=cfg_options)
+    return infer_images(inferencer, [photo], out_dir)[0]['drawn']
 
 
 def summarize_metrics(cfg: Config, metrics: dict) -> str:
@@ -100,4 +155,4 @@ def summarize_metrics(cfg: Config, metrics: dict) -> str:
                      for k in keys if k in metrics)
 
 
-__all__ = ['draw_predictions', 'run_demo', 'summarize_metrics']
+__all__ = ['DEMO_PHOTO', 'draw_predictions', 'infer_photo', 'run_demo', 'summarize_metrics']

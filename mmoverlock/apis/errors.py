@@ -24,3 +24,22 @@ class ConfigMismatchError(UsageError, ValueError):
 
 class CheckpointMismatchError(UsageError, ValueError):
     """A checkpoint does not fit the model built from the config."""
+
+
+class MissingFilesError(DataNotFoundError, CheckpointNotFoundError):
+    """Data and checkpoints are missing, all reported in one message."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions the tools report as one ``error:`` line with exit status 2.
+
+    :class:`UsageError` and the errors raised further down whose cause is the user's input:
+    a truncated or damaged checkpoint, a checkpoint that would run code when loaded (its message
+    names the per-file opt-in), a batch the backbone cannot take (empty, wrong channel count) and
+    a training step with NaN / inf input images or losses.
+    """
+    from ..engine.hooks import NonFiniteTrainingError
+    from ..models.utils.image_batch import ImageBatchError
+    from ..utils.safe_checkpoint import CorruptCheckpointError, UnsafeCheckpointError
+    return (UsageError, CorruptCheckpointError, UnsafeCheckpointError, ImageBatchError,
+            NonFiniteTrainingError)

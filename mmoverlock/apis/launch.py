@@ -6,11 +6,18 @@ mmengine as usual on GPUs (NCCL, ``sync_bn='torch'`` from the configs). mmengine
 them on CPU (it calls ``torch.cuda.set_device`` and hands DDP a device id), so without CUDA
 :func:`setup_distributed` initialises the gloo process group itself, wraps the model in DDP without
 device ids and keeps plain BatchNorm (SyncBatchNorm is CUDA-only).
+
+:func:`configure_training` resumes from the newest *intact* checkpoint (a truncated or damaged
+one is skipped with a warning) and adds the check that stops training at the first NaN / inf input
+image or loss (:class:`mmoverlock.engine.FiniteTrainingHook`).
 """
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import os.path as osp
+import re
 import subprocess
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -20,6 +27,8 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
+from ..engine import FiniteTrainingHook
+from ..utils.safe_checkpoint import check_checkpoint_file, checkpoint_problem
 from .config import check_checkpoint_path, library_of
 from .errors import UsageError
 
@@ -57,16 +66,30 @@ def configure_training(cfg: Config, resume: Optional[str] = None, amp: bool = Fa
                        auto_scale_lr: bool = False) -> Config:
     """Apply ``--resume [PATH]``, ``--amp`` and ``--auto-scale-lr`` to ``cfg``.
 
+    Also adds :class:`~mmoverlock.engine.FiniteTrainingHook` (:func:`add_finite_check`).
+
     Args:
-        resume: None (no resume), ``'auto'`` (the latest checkpoint of the work dir) or a path.
+        cfg: the run's config (``work_dir`` set, see :func:`configure_run`).
+        resume: None (no resume), ``'auto'`` (the latest intact checkpoint of the work dir, see
+            :func:`find_resume_checkpoint`) or a path.
+        amp: train with mixed precision (CUDA only).
+        auto_scale_lr: scale the learning rate with the total batch size.
+
+    Raises:
+        UsageError: an option that cannot work (no checkpoint to resume, no CUDA for --amp, ...).
+        CorruptCheckpointError: the ``--resume`` file is truncated or damaged.
     """
     if resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
+        # mmengine would take the work dir's last_checkpoint as it is; a damaged one is skipped
+        cfg.resume, cfg.load_from = True, find_resume_checkpoint(cfg.work_dir)
     elif resume is not None:
         check_checkpoint_path(resume, '--resume checkpoint',
                               'Give an existing file, or --resume alone to continue from the '
                               "work dir's latest checkpoint.")
+        if '://' not in resume:
+            check_checkpoint_file(osp.expanduser(resume))
         cfg.resume, cfg.load_from = True, resume
+    add_finite_check(cfg)
     if amp:
         if not torch.cuda.is_available():
             raise UsageError('--amp needs a CUDA GPU (mmengine\'s AmpOptimWrapper); none is '
@@ -84,6 +107,82 @@ def configure_training(cfg: Config, resume: Optional[str] = None, amp: bool = Fa
         if 'base_batch_size' not in (cfg.get('auto_scale_lr') or {}):
             raise UsageError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
+    return cfg
+
+
+#: Checkpoints mmengine's CheckpointHook writes: ``iter_<n>.pth`` / ``epoch_<n>.pth``.
+_CHECKPOINT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
+
+
+def _checkpoint_order(path: str) -> Optional[tuple[str, int]]:
+    match = _CHECKPOINT_NAME.match(osp.basename(path))
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def find_resume_checkpoint(work_dir: str) -> Optional[str]:
+    """The checkpoint ``--resume`` (without a file) continues from: the one the work dir's
+    ``last_checkpoint`` names, or, when that one is missing, truncated or damaged (see
+    :func:`~mmoverlock.utils.safe_checkpoint.checkpoint_problem`), the newest intact earlier
+    ``iter_*.pth`` / ``epoch_*.pth``, with a warning for each one skipped.
+
+    Args:
+        work_dir: the run's work dir.
+
+    Returns:
+        The path, or None without ``last_checkpoint`` (nothing saved yet: mmengine then logs
+        that it found nothing to resume and trains from the start).
+
+    Raises:
+        UsageError: ``last_checkpoint`` exists but no checkpoint of the work dir is intact.
+    """
+    pointer = osp.join(work_dir, 'last_checkpoint')
+    if not osp.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        newest = f.read().strip()
+    if newest and not osp.isfile(newest) and osp.isfile(osp.join(work_dir, osp.basename(newest))):
+        newest = osp.join(work_dir, osp.basename(newest))  # the work dir was moved
+    order = _checkpoint_order(newest)
+    earlier = []
+    for path in glob.glob(osp.join(work_dir, '*.pth')):
+        key = _checkpoint_order(path)
+        if key is not None and (order is None or (key[0] == order[0] and key[1] < order[1])):
+            earlier.append((key[1], path))
+    skipped = []
+    for path in [newest] + [p for _, p in sorted(earlier, reverse=True)]:
+        problem = (checkpoint_problem(path) if osp.isfile(path) else
+                   'it does not exist')
+        if problem is None:
+            return path
+        skipped.append(f'{path} ({problem})')
+        print_log(f'--resume: skipping checkpoint {path!r}: {problem}', logger='current',
+                  level=logging.WARNING)
+    raise UsageError(
+        f'--resume found no intact checkpoint in {work_dir!r}: {"; ".join(skipped)}. Pass a '
+        'good checkpoint with --resume FILE, or train from the start without --resume (in a new '
+        'work dir, or after removing the last_checkpoint file).')
+
+
+def add_finite_check(cfg: Config) -> Config:
+    """Add :class:`~mmoverlock.engine.FiniteTrainingHook` to ``cfg.custom_hooks`` (once), and
+    ``mmoverlock.engine`` to ``custom_imports`` so the config the run saves builds it too.
+
+    Args:
+        cfg: a training config (changed in place and returned).
+    """
+    hooks = list(cfg.get('custom_hooks') or [])
+    if not any(isinstance(h, dict) and h.get('type') in ('FiniteTrainingHook', FiniteTrainingHook)
+               for h in hooks):
+        hooks.append(dict(type='FiniteTrainingHook'))
+        cfg.custom_hooks = hooks
+    imports = cfg.get('custom_imports')
+    if isinstance(imports, dict):
+        names = imports.get('imports') or []
+        names = [names] if isinstance(names, str) else list(names)
+        if 'mmoverlock.engine' not in names:
+            imports['imports'] = names + ['mmoverlock.engine']
+    else:
+        cfg.custom_imports = dict(imports=['mmoverlock.engine'], allow_failed_imports=False)
     return cfg
 
 
@@ -168,5 +267,6 @@ def build_runner(cfg: Config) -> Runner:
     return Runner.from_cfg(cfg)
 
 
-__all__ = ['LAUNCHERS', 'build_model', 'build_runner', 'configure_run', 'configure_training',
-           'default_work_dir', 'setup_distributed', 'unwrap']
+__all__ = ['LAUNCHERS', 'add_finite_check', 'build_model', 'build_runner', 'configure_run',
+           'configure_training', 'default_work_dir', 'find_resume_checkpoint', 'setup_distributed',
+           'unwrap']

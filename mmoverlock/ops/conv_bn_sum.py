@@ -13,6 +13,11 @@ for the weight gradients. As one function:
 Same values and running statistics as the modules (BatchNorm's own kernels do the arithmetic).
 Measured on 2x64x128x128 with the 17x17 kernel's six branches, forward + backward: 136 ms as
 modules, 116 ms fused (1 thread, one-off measurement); 2x256x32x32 13x13: 27.2 vs 24.5 ms.
+
+Under CPU autocast the function runs in float32 (operands cast on entry, float32 output): the
+batch statistics are reductions, which autocast keeps in float32. The model's blocks do not call
+it under autocast; they run their branches as modules there, with the convolutions in the
+autocast dtype (:class:`~mmoverlock.models.layers.DilatedReparamBlock`).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.amp import custom_bwd, custom_fwd
 
 from .depthwise_conv import (
     depthwise_weight_grad,
@@ -35,6 +41,7 @@ __all__ = ['conv_bn_sum']
 class _ConvBNSum(torch.autograd.Function):
 
     @staticmethod
+    @custom_fwd(device_type='cpu', cast_inputs=torch.float32)  # the CPU-only fused route
     def forward(ctx, x: Tensor, dilations: tuple[int, ...], momenta: tuple[float, ...],
                 eps: tuple[float, ...], *tensors: Tensor) -> Tensor:
         n = len(dilations)
@@ -52,6 +59,7 @@ class _ConvBNSum(torch.autograd.Function):
         return out
 
     @staticmethod
+    @custom_bwd(device_type='cpu')
     def backward(ctx, grad: Tensor):
         n = len(ctx.dilations)
         x, *rest = ctx.saved_tensors
@@ -105,5 +113,12 @@ def conv_bn_sum(x: Tensor, weights: Sequence[Tensor], dilations: Sequence[int],
                                          momenta, eps)):
         raise ValueError('conv_bn_sum needs one dilation, BatchNorm parameter set and momentum '
                          f'per kernel ({n} kernels)')
+    stats = (*running_means, *running_vars)
+    if torch.is_autocast_enabled('cpu') and any(t.dtype != torch.float32 for t in stats):
+        # a cast copy would take the in-place update and drop it
+        raise ValueError('conv_bn_sum runs in float32 under CPU autocast and updates the running '
+                         'statistics in place, so they must be float32; got '
+                         f'{sorted({str(t.dtype) for t in stats})}. Keep the BatchNorm buffers in '
+                         'float32 (autocast does not need a converted model).')
     return _ConvBNSum.apply(x, tuple(dilations), tuple(momenta), tuple(eps), *weights, *gammas,
                             *betas, *running_means, *running_vars)

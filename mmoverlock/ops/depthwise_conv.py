@@ -9,69 +9,129 @@ small / dilated branches). Here, on the CPU:
 - the input gradient is the forward convolution of the output gradient with the flipped kernel
   (same padding and dilation), which runs at forward speed;
 - the weight gradient, per channel the cross-correlation of the padded input with the output
-  gradient at the ``K x K`` lags of the (dilated) kernel, is computed as
+  gradient at the ``K x K`` lags of the (dilated) kernel, is computed by one of three routes:
+  PyTorch's own weight gradient (``native``), one grouped convolution (``grouped``,
+  :func:`depthwise_weight_grad_grouped`: each (image, channel) is a group whose "kernel" is its
+  output gradient, strided by the dilation), or the FFT for undilated kernels (``fft``,
+  :func:`depthwise_weight_grad_fft`, whose cost does not grow with the kernel).
 
-  * PyTorch's own weight gradient for 3x3 undilated kernels (fast already);
-  * one grouped convolution for other kernels (:func:`depthwise_weight_grad_grouped`): each
-    (image, channel) is a group whose "kernel" is its output gradient, strided by the dilation;
-  * the FFT for undilated kernels >= ``FFT_MIN_KERNEL`` on maps of at least ``FFT_MIN_PIXELS``
-    (:func:`depthwise_weight_grad_fft`), whose cost does not grow with the kernel. Measured for
-    17x17, 2x64 channels: 25 ms FFT vs 20 ms grouped on 128x128 maps, 95 vs 142 ms on 200x304.
-
-Dilated kernels whose 'same' padding exceeds ``DILATED_PAD_LIMIT`` are run on a map padded
-beforehand by the excess: oneDNN's depthwise kernel leaves its fast path for dilated convolutions
-with padding >= 7 (measured, 2x64x128x128 channels-last, 1 thread: 9x9 dilation 2 25.8 ms with
-padding 8, 2.7 ms with 2 pixels padded first and padding 6; 3x3 dilation 7 4.2 vs 0.9 ms). On
-the CPU this applies to inference, training forward and the input gradient (the copy costs ~0.3
-ms on such a map). Likewise oneDNN's channels-last depthwise kernels are 2-3x slower for 13x13
-(and slightly for 11x11) than for 15x15 (2x256x32x32: 4.1 ms for 13x13, 1.6 ms for 15x15), so
-those kernels run zero-embedded in a 15x15 one (``EMBED_KERNEL``). Both were measured with the
-oneDNN of torch 2.14.1; where a CPU lacks the slow paths the detours cost one padding copy or
-(15/13)^2 of a 13x13 convolution's multiply-adds.
+The forward (and the input gradient) has routes too: the padding in the call (``direct``), the
+map padded beforehand (``prepad``: oneDNN's depthwise kernels leave their fast path for dilated
+convolutions with large paddings, and its AVX2 kernel for any padding, falling back to an im2col
+GEMM one to two orders of magnitude slower), and 11x11 / 13x13 kernels zero-embedded in a 15x15
+one (``embed``: oneDNN's channels-last AVX-512 kernels run those sizes slower than 15x15).
+Which route is fastest depends on the processor, so :mod:`mmoverlock.ops.cpu_routes` measures
+them on the machine the first time a shape is seen (or takes fixed defaults that are safe on
+AVX2 and AVX-512 alike: :func:`same_conv_default_route`, :func:`weight_grad_default_route`).
+The measurements behind these routes are in ``benchmarks/results/``.
 
 On CUDA every call is plain ``F.conv2d`` (cuDNN) with PyTorch's backward; CPU inference takes
 :func:`same_conv` without the custom autograd function.
 """
 from __future__ import annotations
 
-from typing import Optional
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.amp import custom_bwd, custom_fwd
+
+from . import cpu_routes
+from .cpu_routes import size_bucket
 
 __all__ = ['depthwise_conv2d', 'memory_format_of', 'channels_first', 'in_param_layout',
            'depthwise_weight_grad', 'depthwise_weight_grad_fft', 'depthwise_weight_grad_grouped',
-           'FFT_MIN_KERNEL', 'FFT_MIN_PIXELS', 'CUSTOM_BACKWARD', 'DILATED_PAD_LIMIT',
-           'EMBED_KERNEL', 'same_conv', 'padded_planes']
+           'FFT_MIN_KERNEL', 'FFT_MIN_PIXELS', 'CUSTOM_BACKWARD',
+           'EMBED_KERNEL', 'same_conv', 'padded_planes', 'as_defined', 'running_as_defined',
+           'same_conv_default_route', 'weight_grad_default_route', 'route_key']
 
-#: Undilated kernels at least this large, on maps of at least this many pixels, take the FFT
-#: weight gradient (see the module docstring).
+#: The fixed (unmeasured) route of the weight gradient takes the FFT for undilated kernels at
+#: least this large on maps of at least this many pixels (measured on an AVX-512 Xeon: 17x17,
+#: 2x64 channels, 25 ms FFT vs 20 ms grouped on 128x128 maps, 95 vs 142 ms on 200x304).
 FFT_MIN_KERNEL = 17
 FFT_MIN_PIXELS = 32768
 #: False sends every call to plain ``F.conv2d`` and PyTorch's backward (the benchmarks' baseline).
 CUSTOM_BACKWARD = True
-#: Largest padding passed to a dilated CPU convolution; the rest is padded beforehand.
-DILATED_PAD_LIMIT = 6
-#: Undilated CPU kernels run zero-embedded in a larger kernel (module docstring).
+#: Undilated CPU kernels that may run zero-embedded in a larger kernel (route ``embed``).
 EMBED_KERNEL = {11: 15, 13: 15}
+
+_AS_DEFINED = threading.local()
+
+
+@contextmanager
+def as_defined() -> Iterator[None]:
+    """Within this context (in this thread) :func:`same_conv` runs every kernel as defined: no
+    pre-padding, no zero-embedding, as while JIT tracing. Operator-level counters
+    (:class:`mmoverlock.utils.flops.MacCounter`) enter it, so that a 13x13 kernel is seen and
+    counted as 13x13 on every device; the values are the same either way."""
+    _AS_DEFINED.depth = getattr(_AS_DEFINED, 'depth', 0) + 1
+    try:
+        yield
+    finally:
+        _AS_DEFINED.depth -= 1
+
+
+def running_as_defined() -> bool:
+    """True while JIT tracing or inside :func:`as_defined`: the CPU detours are off."""
+    return getattr(_AS_DEFINED, 'depth', 0) > 0 or torch.jit.is_tracing()
+
+
+def _same_conv_routes(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      dilation: int) -> dict[str, Callable[[], Tensor]]:
+    """The equivalent CPU routes of :func:`same_conv`: ``direct`` (the padding in the call),
+    ``prepad`` (the input zero-padded beforehand, no padding in the call: oneDNN's dilated
+    depthwise kernels leave their fast path for large paddings, on AVX2 for any padding), and
+    for ``EMBED_KERNEL`` sizes ``embed`` (the kernel zero-embedded in a larger one)."""
+    k, groups = weight.shape[-1], weight.shape[0]
+    pad = dilation * (k - 1) // 2
+    routes = {'direct': lambda: F.conv2d(x, weight, bias, padding=pad, dilation=dilation,
+                                         groups=groups)}
+    if pad > 0:
+        routes['prepad'] = lambda: F.conv2d(F.pad(x, [pad] * 4), weight, bias, dilation=dilation,
+                                            groups=groups)
+    if dilation == 1 and k in EMBED_KERNEL:
+        big = EMBED_KERNEL[k]
+        routes['embed'] = lambda: F.conv2d(x, F.pad(weight, [(big - k) // 2] * 4), bias,
+                                           padding=(big - 1) // 2, groups=groups)
+    return routes
+
+
+def same_conv_default_route(kernel_size: int, dilation: int) -> str:
+    """The fixed route of :func:`same_conv` (no measuring): ``prepad`` for dilated kernels (never
+    oneDNN's slow path, on AVX2 or AVX-512; at most one padding copy of the map), ``embed`` for
+    ``EMBED_KERNEL`` sizes, ``direct`` otherwise."""
+    if dilation > 1:
+        return 'prepad'
+    return 'embed' if kernel_size in EMBED_KERNEL else 'direct'
+
+
+def route_key(x: Tensor, weight: Tensor, dilation: int, *extra: object) -> tuple:
+    """What the speed of a depthwise route depends on: channels, kernel, dilation, dtype, layout
+    and the map's size (rounded, :func:`~mmoverlock.ops.cpu_routes.size_bucket`)."""
+    b, c, h, w = x.shape
+    return (c, weight.shape[-1], dilation, str(x.dtype).replace('torch.', ''),
+            'cl' if memory_format_of(x) == torch.channels_last else 'cf',
+            size_bucket(b * h * w), *extra)
 
 
 def same_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) -> Tensor:
-    """``F.conv2d`` of a depthwise odd ``K x K`` kernel with 'same' padding. On the CPU a dilated
-    kernel's padding beyond ``DILATED_PAD_LIMIT`` is applied beforehand and ``EMBED_KERNEL`` sizes
-    run zero-embedded in a larger kernel (module docstring); same result either way."""
+    """``F.conv2d`` of a depthwise odd ``K x K`` kernel with 'same' padding. On the CPU the route
+    (padding in the call or beforehand, kernel embedded in a larger one) is the fastest measured
+    on this machine for the shape, or the fixed default (:mod:`mmoverlock.ops.cpu_routes`); same
+    result either way. Neither while tracing nor while counting (:func:`running_as_defined`):
+    counters must see the convolution as defined."""
+    if CUSTOM_BACKWARD and x.device.type == 'cpu' and not running_as_defined():
+        routes = _same_conv_routes(x, weight, bias, dilation)
+        default = same_conv_default_route(weight.shape[-1], dilation)
+        route = cpu_routes.choose('same_conv', route_key(x, weight, dilation, bias is not None),
+                                  routes, default)
+        return routes[route]()
     k = weight.shape[-1]
-    pad = dilation * (k - 1) // 2
-    # not while tracing: FLOP counters must see the convolution as defined
-    if CUSTOM_BACKWARD and x.device.type == 'cpu' and not torch.jit.is_tracing():
-        if dilation > 1 and pad > DILATED_PAD_LIMIT:
-            x = F.pad(x, [pad - DILATED_PAD_LIMIT] * 4)
-            pad = DILATED_PAD_LIMIT
-        elif dilation == 1 and k in EMBED_KERNEL:
-            pad = (EMBED_KERNEL[k] - 1) // 2
-            weight = F.pad(weight, [pad - (k - 1) // 2] * 4)
-    return F.conv2d(x, weight, bias, padding=pad, dilation=dilation, groups=weight.shape[0])
+    return F.conv2d(x, weight, bias, padding=dilation * (k - 1) // 2, dilation=dilation,
+                    groups=weight.shape[0])
 
 
 def _fft_size(n: int) -> int:
@@ -160,20 +220,42 @@ def depthwise_weight_grad_grouped(x: Tensor, grad_out: Tensor, kernel_size: int,
     return lags.view(b, c, kernel_size, kernel_size).sum(0).unsqueeze(1)
 
 
+def _native_weight_grad(x: Tensor, grad_out: Tensor, weight: Tensor, dilation: int) -> Tensor:
+    k = weight.shape[-1]
+    pad = dilation * (k - 1) // 2
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1], [pad, pad], [dilation, dilation], False, [0, 0],
+        x.shape[1], [False, True, False])[1]
+
+
+def weight_grad_default_route(kernel_size: int, dilation: int, pixels: int) -> str:
+    """The fixed route of :func:`depthwise_weight_grad`: PyTorch's own for undilated 3x3
+    kernels, the FFT for undilated kernels >= ``FFT_MIN_KERNEL`` on maps of at least
+    ``FFT_MIN_PIXELS`` pixels, the grouped convolution otherwise."""
+    if dilation == 1 and kernel_size <= 3:
+        return 'native'
+    if dilation == 1 and kernel_size >= FFT_MIN_KERNEL and pixels >= FFT_MIN_PIXELS:
+        return 'fft'
+    return 'grouped'
+
+
 def depthwise_weight_grad(x: Tensor, grad_out: Tensor, weight: Tensor, dilation: int,
                           planes: Optional[Tensor] = None) -> Tensor:
     """Weight gradient of ``depthwise_conv2d(x, weight, dilation=dilation)`` for ``grad_out``,
-    by the fastest route measured for the kernel (see the module docstring); ``planes`` as in
-    :func:`depthwise_weight_grad_grouped`."""
+    by PyTorch's own backward, the grouped convolution or the FFT, whichever was measured
+    fastest on this machine for the shape (or the fixed default, see
+    :mod:`mmoverlock.ops.cpu_routes`); ``planes`` as in :func:`depthwise_weight_grad_grouped`."""
     k = weight.shape[-1]
-    if dilation == 1 and k <= 3:
-        pad = (k - 1) // 2
-        return torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], x.shape[1],
-            [False, True, False])[1]
-    if dilation == 1 and k >= FFT_MIN_KERNEL and x.shape[-2] * x.shape[-1] >= FFT_MIN_PIXELS:
-        return depthwise_weight_grad_fft(x, grad_out, k)
-    return depthwise_weight_grad_grouped(x, grad_out, k, dilation, planes)
+    routes = {'native': lambda: _native_weight_grad(x, grad_out, weight, dilation),
+              'grouped': lambda: depthwise_weight_grad_grouped(x, grad_out, k, dilation, planes)}
+    if dilation == 1 and k >= 7:
+        routes['fft'] = lambda: depthwise_weight_grad_fft(x, grad_out, k)
+    default = weight_grad_default_route(k, dilation, x.shape[-2] * x.shape[-1])
+    if x.device.type != 'cpu':
+        return routes[default]()
+    route = cpu_routes.choose('depthwise_weight_grad',
+                              route_key(x, weight, dilation, planes is not None), routes, default)
+    return routes[route]()
 
 
 def in_param_layout(grad: Tensor, param: Tensor) -> Tensor:
@@ -187,15 +269,31 @@ def in_param_layout(grad: Tensor, param: Tensor) -> Tensor:
     return torch.empty_like(param, memory_format=torch.preserve_format).copy_(grad)
 
 
+def _autocast_operands(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """Under CPU autocast, the floating-point tensors (float64 aside) in the autocast dtype, as
+    autocast casts the operands of a convolution; otherwise the tensors as they are."""
+    if not torch.is_autocast_enabled('cpu'):
+        return tensors
+    dtype = torch.get_autocast_dtype('cpu')
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
+
+
 class _DepthwiseConv2d(torch.autograd.Function):
+    """CPU only. Under autocast it runs in the autocast dtype, as autocast runs convolutions:
+    every operand is cast on entry, so the saved tensors, the output and the backward are in one
+    dtype (the weight gradient goes back to the weight in its own dtype)."""
 
     @staticmethod
+    @custom_fwd(device_type='cpu')
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) -> Tensor:
+        x, weight, bias = _autocast_operands(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.dilation, ctx.has_bias = dilation, bias is not None
         return same_conv(x, weight, bias, dilation)
 
     @staticmethod
+    @custom_bwd(device_type='cpu')
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
         d = ctx.dilation

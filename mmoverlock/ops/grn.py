@@ -12,11 +12,17 @@ the gradient written out needs three: ``S = sum_hw(grad * x)``, ``sum(grad)`` an
     dg = dn / (m + eps) - sum_c(dn * g) / (C * (m + eps)^2)       (m = mean_c(g))
     coef = dg / g  where q > 1e-24, else 0                         (the clamp's zero gradient)
     d gamma = sum_b(n * S),  d beta = sum_{b,h,w}(grad)
+
+Under autocast (CPU or CUDA) GRN runs in float32, as autocast runs norms and reductions: the
+squared sums over a map overflow float16 (max 65504) and lose digits in bfloat16; the operands
+are cast to float32 on entry, the output is float32 and each gradient goes back in the dtype of
+its input.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.amp import custom_bwd, custom_fwd
 
 from .depthwise_conv import in_param_layout, memory_format_of
 
@@ -35,7 +41,11 @@ def _response(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
 
 class _GRN(torch.autograd.Function):
 
+    # float32 under autocast, on either device (the decorators act each on their own device's
+    # tensors and autocast state, so they stack)
     @staticmethod
+    @custom_fwd(device_type='cuda', cast_inputs=torch.float32)
+    @custom_fwd(device_type='cpu', cast_inputs=torch.float32)
     def forward(ctx, x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
         q, g, n = _response(x, eps)
         ctx.save_for_backward(x, gamma, q, g, n)
@@ -44,6 +54,8 @@ class _GRN(torch.autograd.Function):
         return torch.addcmul(beta, x, torch.addcmul(torch.ones_like(n), gamma, n))
 
     @staticmethod
+    @custom_bwd(device_type='cuda')
+    @custom_bwd(device_type='cpu')
     def backward(ctx, grad: Tensor):
         x, gamma, q, g, n = ctx.saved_tensors
         grad = grad.contiguous(memory_format=memory_format_of(x))

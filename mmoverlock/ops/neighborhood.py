@@ -17,7 +17,7 @@ The pure-PyTorch backend (``backend='torch'``) has three routes:
   39.5 ms on a 1x8x50x76x16 detection map (tap loop 34.8 / 128.8 ms). float32 / float64 only
   (MKL has no half-precision CSR product).
 
-Elsewhere (CUDA without natten), by shape:
+Elsewhere (CUDA tensors when neither Triton nor natten is there), by shape:
 
 - ``'banded'``, for maps that are narrow relative to the kernel (``W <= 5 K``, e.g. OverLoCK's
   stage-3/4 maps at 512x512): each output row is one matrix product of a banded ``W x K*W`` weight
@@ -31,7 +31,18 @@ Elsewhere (CUDA without natten), by shape:
 None materialises the ``(H, W, K*K, C)`` unfolded values of the obvious route, which needs
 ``K*K`` times the memory of the values (gigabytes at detection resolution).
 
-When natten 0.17.x is installed it can serve as the backend (``backend='natten'``); both agree.
+On CUDA tensors the default is ``backend='triton'`` (:mod:`mmoverlock.ops.neighborhood_triton`:
+Triton kernels for the forward and both gradients, float32 / bfloat16 / float16 with float32
+accumulation) whenever Triton is importable. On CPU tensors that backend runs only under Triton's
+interpreter (``TRITON_INTERPRET=1``, used by the tests).
+
+When natten 0.17.x is installed it can serve as the backend (``backend='natten'``); all agree.
+
+Under autocast the two hand-written functions (``'sparse'``, ``'taps'``) run in float32, their
+operands cast on entry: MKL's CSR product has no half-precision kernel, and the tap loop is
+element-wise arithmetic (which autocast does not lower) that accumulates ``K * K`` products into
+one buffer, rounding at every step in half precision. The banded route is a batched matrix product
+and runs in the autocast dtype, as autocast runs ``bmm``.
 """
 from __future__ import annotations
 
@@ -44,12 +55,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.amp import custom_bwd, custom_fwd
 
 __all__ = ['window_starts', 'window_index', 'bias_index', 'relative_position_bias',
            'neighborhood_aggregate', 'na2d_av_reference', 'available_backends']
 
 BACKEND_ENV = 'MMOVERLOCK_NA_BACKEND'
-BACKENDS = ('auto', 'torch', 'sparse', 'banded', 'taps', 'natten', 'unfold')
+BACKENDS = ('auto', 'torch', 'sparse', 'banded', 'taps', 'natten', 'triton', 'unfold')
 #: Where the sparse route does not apply, ``backend='torch'`` takes the banded route while
 #: ``W <= BANDED_MAX_WIDTH_RATIO * K`` (measured on CPU: 3-8x faster than the tap loop at
 #: W / K ~ 1-2.5, slower beyond ~5).
@@ -170,7 +182,11 @@ class _NeighborhoodAggregate(torch.autograd.Function):
     views for every tap column, and per-tap weights ``(B, G, 1, H, W)`` broadcast over channels.
     """
 
+    # float32 under autocast (module docstring); CPU (half-precision values) and CUDA (without
+    # natten); each decorator acts on its own device's tensors and autocast state, so they stack
     @staticmethod
+    @custom_fwd(device_type='cuda', cast_inputs=torch.float32)
+    @custom_fwd(device_type='cpu', cast_inputs=torch.float32)
     def forward(ctx, attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
         k = kernel_size
         planar = value.permute(0, 1, 4, 2, 3).contiguous()  # free when value is a planar view
@@ -191,6 +207,8 @@ class _NeighborhoodAggregate(torch.autograd.Function):
         return out.permute(0, 1, 3, 4, 2)
 
     @staticmethod
+    @custom_bwd(device_type='cuda')
+    @custom_bwd(device_type='cpu')
     def backward(ctx, grad_out: Tensor):
         attn, planar = ctx.saved_tensors
         k = ctx.kernel_size
@@ -295,6 +313,7 @@ class _SparseAggregate(torch.autograd.Function):
     """
 
     @staticmethod
+    @custom_fwd(device_type='cpu', cast_inputs=torch.float32)  # MKL: float32 / float64 only
     def forward(ctx, attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
         b, g, h, w, c = value.shape
         pixels, taps = h * w, kernel_size ** 2
@@ -318,6 +337,7 @@ class _SparseAggregate(torch.autograd.Function):
         return out.view(b, g, h, w, c)
 
     @staticmethod
+    @custom_bwd(device_type='cpu')
     def backward(ctx, grad_out: Tensor):
         weights, values = ctx.saved_tensors
         b, g, h, w, c = grad_out.shape
@@ -389,9 +409,26 @@ def _natten_na2d_av():
     return na2d_av
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_kernels():
+    """:mod:`mmoverlock.ops.neighborhood_triton` if Triton is importable, else the exception that
+    importing it raised (imported on first use only: Triton is a GPU dependency)."""
+    try:
+        from . import neighborhood_triton
+    except Exception as error:  # noqa: BLE001  (missing, or a build that fails to import)
+        return error
+    return neighborhood_triton
+
+
+def _triton_available() -> bool:
+    return not isinstance(_triton_kernels(), Exception)
+
+
 def available_backends() -> list[str]:
-    """Names accepted by ``neighborhood_aggregate(..., backend=...)`` on this installation."""
-    return ['torch'] + (['natten'] if _natten_na2d_av() is not None else [])
+    """Names accepted by ``neighborhood_aggregate(..., backend=...)`` on this installation
+    (``'triton'`` takes CUDA tensors, CPU ones only under Triton's interpreter)."""
+    return (['torch'] + (['natten'] if _natten_na2d_av() is not None else [])
+            + (['triton'] if _triton_available() else []))
 
 
 def _aggregate_natten(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
@@ -402,15 +439,30 @@ def _aggregate_natten(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
     return na2d_av(attn.contiguous(), value.contiguous(), kernel_size, 1)
 
 
+def _aggregate_triton(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+    kernels = _triton_kernels()
+    if isinstance(kernels, Exception):
+        raise RuntimeError(f'backend="triton" was requested but Triton is not importable '
+                           f'({type(kernels).__name__}: {kernels}); install the triton build that '
+                           'matches torch, or use backend="torch".') from kernels
+    return kernels.na2d_av_triton(attn, value, kernel_size)
+
+
 def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
     backend = backend or os.environ.get(BACKEND_ENV, 'auto')
     if backend == 'auto':
-        # natten's CPU kernels are slower than ours; its CUDA kernels are the reason to use it.
-        return 'natten' if device.type == 'cuda' and _natten_na2d_av() is not None else 'torch'
+        # On CUDA our Triton kernels, else natten's CUDA kernels (natten's CPU kernels are slower
+        # than the PyTorch routes); the PyTorch routes everywhere else.
+        if device.type == 'cuda':
+            if _triton_available():
+                return 'triton'
+            if _natten_na2d_av() is not None:
+                return 'natten'
+        return 'torch'
     if backend not in BACKENDS:
         raise ValueError(f"unknown neighbourhood-aggregation backend {backend!r}: use 'auto', "
-                         "'torch' (or one of its routes 'sparse' / 'banded' / 'taps'), 'natten' or "
-                         "'unfold' (the slow baseline)")
+                         "'torch' (or one of its routes 'sparse' / 'banded' / 'taps'), 'natten', "
+                         "'triton' or 'unfold' (the slow baseline)")
     return backend
 
 
@@ -431,9 +483,10 @@ def neighborhood_aggregate(attn: Tensor, value: Tensor, backend: Optional[str] =
         attn: ``(B, G, H, W, K*K)`` weights, tap ``u * K + v`` (row-major).
         value: ``(B, G, H, W, C)`` values.
         backend: ``'torch'`` (the ``'sparse'``, ``'banded'`` or ``'taps'`` route, see the module
-            docstring), ``'natten'``, ``'unfold'`` (the memory-hungry baseline of the benchmarks)
-            or ``'auto'`` (default, or the environment variable ``MMOVERLOCK_NA_BACKEND``): natten
-            on CUDA when installed, PyTorch otherwise.
+            docstring), ``'triton'`` (CUDA tensors; CPU ones only under ``TRITON_INTERPRET=1``),
+            ``'natten'``, ``'unfold'`` (the memory-hungry baseline of the benchmarks) or
+            ``'auto'`` (default, or the environment variable ``MMOVERLOCK_NA_BACKEND``): on CUDA
+            Triton when importable, else natten when installed; PyTorch otherwise.
 
     Returns:
         ``(B, G, H, W, C)`` tensor.
@@ -442,6 +495,8 @@ def neighborhood_aggregate(attn: Tensor, value: Tensor, backend: Optional[str] =
     backend = _resolve_backend(backend, value.device)
     if backend == 'natten':
         return _aggregate_natten(attn, value, k)
+    if backend == 'triton':
+        return _aggregate_triton(attn, value, k)
     if backend == 'unfold':
         return _aggregate_unfold(attn, value, k)
     if backend == 'torch':

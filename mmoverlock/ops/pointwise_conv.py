@@ -12,8 +12,10 @@ half of OverLoCK's inference time, so they always go to oneDNN here:
 - weight gradient: the matrix product ``grad_out^T @ x`` over all pixels, itself posed as a oneDNN
   1x1 convolution in the channels-last layout (:func:`weight_grad_onednn`); bias gradient: a sum.
 
-Other devices and dtypes, autocast, and JIT tracing (so that FLOP counters see an ordinary
-convolution) keep ``F.conv2d``.
+Other devices and dtypes, autocast, JIT tracing (so that FLOP counters see an ordinary
+convolution) and ``torch.compile`` (which cannot trace the oneDNN operator) keep ``F.conv2d``: under autocast that is autocast's own lower-precision convolution.
+The autograd function itself, called under CPU autocast, runs in float32 (its operands cast on
+entry), the dtype its oneDNN route is written for.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.amp import custom_bwd, custom_fwd
 
 from .depthwise_conv import in_param_layout
 
@@ -37,7 +40,9 @@ def uses_onednn(x: Tensor, weight: Tensor) -> bool:
             and weight.dtype == torch.float32 and x.dim() == 4
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled('cpu')
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            # aten::mkldnn_convolution has no fake-tensor kernel: dynamo cannot trace it
+            and not torch.compiler.is_compiling())
 
 
 def _onednn_conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -71,12 +76,14 @@ def weight_grad_onednn(grad_rows: Tensor, x_rows: Tensor) -> Tensor:
 class _OneDNNPointwiseConv(torch.autograd.Function):
 
     @staticmethod
+    @custom_fwd(device_type='cpu', cast_inputs=torch.float32)  # the CPU float32 route only
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return _onednn_conv1x1(x, weight, bias)
 
     @staticmethod
+    @custom_bwd(device_type='cpu')
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad

@@ -6,8 +6,9 @@ biases, normalisation, pooling, resampling and element-wise ops are not counted)
 =============== ==================================================================================
 category        operators
 =============== ==================================================================================
-``conv``        every convolution: ``N * prod(kernel shape) * prod(output spatial size)``
-                (output elements x C_in / groups x kernel area); transposed: input size
+``conv``        every convolution as defined: ``N * prod(kernel shape) * prod(output spatial
+                size)`` (output elements x C_in / groups x kernel area; a dilated kernel counts
+                its ``k * k`` taps); transposed: input size
 ``matmul``      ``mm``, ``addmm``, ``bmm``, ``baddbmm`` (so ``nn.Linear``, ``@``/``matmul`` and
                 ``einsum``, which decompose into them) and fused scaled-dot-product attention
                 (``B * heads * L * S * (E + Ev)``). ContMix's affinity ``q^T k`` lands here
@@ -28,6 +29,16 @@ the duration of the count the function is replaced, in every ``mmoverlock`` modu
 it, by a wrapper that counts its MACs from its arguments and hides its inner operators from the
 counter (so an implementation built on ``bmm`` or ``einsum`` is not counted twice).
 
+Convolutions are counted as defined on every device: while counting, mmoverlock's CPU routes
+(:func:`mmoverlock.ops.depthwise_conv.same_conv` may run an 11x11 / 13x13 depthwise kernel
+zero-embedded in a 15x15 one or a dilated kernel on a map padded beforehand, and times its routes
+the first time it sees a shape) are switched off (:func:`mmoverlock.ops.depthwise_conv.as_defined`),
+so a 13x13 kernel counts 169 taps on the CPU as on the ``meta`` device, once per call. A
+training-form OverLoCK counted in eval mode merges each DilatedReparamBlock's branches into its
+K x K deploy kernel on the fly and is counted as that one kernel;
+:func:`mmoverlock.apis.analysis.count_model_complexity` with ``train_form=True``
+(``get_flops.py --train-form``) counts every branch.
+
 Extending: :func:`register_op_handle` (a dispatcher operator, e.g. a ``torch.library`` custom op)
 and :func:`register_function_handle` (a Python function, by qualified name).
 
@@ -44,13 +55,15 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..ops.depthwise_conv import as_defined
 
 __all__ = ['CATEGORIES', 'PAPER_CATEGORIES', 'Complexity', 'MacCounter', 'count_complexity',
            'count_parameters', 'format_count', 'neighborhood_macs', 'register_function_handle',
@@ -214,7 +227,10 @@ class MacCounter(TorchDispatchMode):
 
         with MacCounter(model) as counter:
             model(x)
-        counter.result()
+        counter.inclusive()  # MACs per module
+
+    While it is active, mmoverlock's depthwise convolutions run (and are counted) as defined,
+    without their CPU detours (:func:`mmoverlock.ops.depthwise_conv.as_defined`).
 
     Args:
         model: Module whose submodules the ops are attributed to (optional).
@@ -230,6 +246,7 @@ class MacCounter(TorchDispatchMode):
         self._hidden = 0
         self._hooks: list = []
         self._patches: list[tuple[Any, str, Any]] = []
+        self._contexts = ExitStack()
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def add(self, category: str, operator: str, macs: int) -> None:
@@ -317,10 +334,14 @@ class MacCounter(TorchDispatchMode):
             setattr(mod, key, value)
         self._patches.clear()
         self._stack.clear()
+        self._contexts.close()
 
     def __enter__(self) -> MacCounter:
         self._install_hooks()
         self._install_function_handles()
+        # mmoverlock's CPU detours off (zero-embedded / pre-padded depthwise kernels): the
+        # convolutions run, and are counted, as defined
+        self._contexts.enter_context(as_defined())
         try:
             return super().__enter__()
         except BaseException:

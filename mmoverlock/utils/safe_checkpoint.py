@@ -10,13 +10,21 @@ switching safe loading off, :func:`install` allow-lists exactly those types (mme
 the
 explicit, per-file opt-in for trusted files (:func:`trust_checkpoint` or the environment variable
 ``MMOVERLOCK_TRUSTED_CHECKPOINTS``, a ``os.pathsep``-separated list of paths).
+
+Before unpickling, :func:`safe_load` checks the file's integrity (:func:`checkpoint_problem`: the
+zip archive ``torch.save`` writes, with a CRC per member), so a truncated or damaged file is
+refused with :class:`CorruptCheckpointError` naming it, instead of miniz's
+``PytorchStreamReader failed reading zip archive`` or, for damaged tensor bytes, silently wrong
+weights.
 """
 from __future__ import annotations
 
 import os
 import os.path as osp
 import pickle
-from typing import Any, Callable, Iterable
+import re
+import zipfile
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -28,6 +36,68 @@ _installed = False
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint needs types outside the allow-list; loading it would execute its pickle."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file is truncated, damaged or not a checkpoint at all."""
+
+
+#: First bytes of the files ``torch.save`` writes: a zip archive, or (legacy format) a pickle.
+_ZIP_MAGIC = b'PK\x03\x04'
+_PICKLE_MAGIC = b'\x80'
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a complete ``torch.save`` file, or None when it looks intact.
+
+    Zip-format files (everything torch >= 1.6 and mmengine write) are checked completely: the
+    archive's directory (missing when the write was cut off) and the CRC of every member, which
+    costs about one read of the file. Legacy (pickle-format) files are only checked for their
+    first byte; ``torch.load`` notices their truncation itself.
+
+    Args:
+        path: the checkpoint file.
+    """
+    path = osp.expanduser(path)
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(4)
+    except OSError as err:
+        return f'it cannot be read ({err.strerror or err})'
+    if not head:
+        return 'the file is empty'
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+            return f'its zip archive is damaged ({err})'
+        return None if bad is None else f'the stored bytes of {bad!r} fail their CRC check'
+    if head == _ZIP_MAGIC:
+        return ('the zip archive has no end (central directory): the file was cut off while '
+                'being written or copied')
+    if head[:1] == _PICKLE_MAGIC:
+        return None
+    return 'it is neither a zip archive nor a pickle, the two formats of torch.save'
+
+
+def _corrupt(path: str, problem: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f'checkpoint {path!r} is unreadable: {problem.rstrip(".")}. Copy or download it again, '
+        'or use another checkpoint (when resuming: an earlier iter_*.pth / epoch_*.pth of the '
+        'work dir with --resume FILE).')
+
+
+def check_checkpoint_file(path: str) -> None:
+    """Raise :class:`CorruptCheckpointError` (naming ``path`` and the fix) unless ``path`` is an
+    intact checkpoint file (see :func:`checkpoint_problem`).
+
+    Args:
+        path: the checkpoint file.
+    """
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise _corrupt(path, problem)
 
 
 def _numpy_safe_globals() -> list:
@@ -96,13 +166,35 @@ def _unsafe_globals(path: str) -> list[str]:
 
 
 def safe_load(path: str, map_location: Any = None) -> Any:
-    """``torch.load(path, weights_only=True)`` with mmoverlock's allow-list and a clear refusal."""
+    """``torch.load(path, weights_only=True)`` with mmoverlock's allow-list and a clear refusal.
+
+    Args:
+        path: the checkpoint file.
+        map_location: as for ``torch.load``.
+
+    Raises:
+        CorruptCheckpointError: the file is truncated or damaged (checked before unpickling).
+        UnsafeCheckpointError: it needs types outside the allow-list (and is not trusted).
+    """
+    if isinstance(path, (str, os.PathLike)) and osp.isfile(path):
+        check_checkpoint_file(path)
     if _is_trusted(path):
         return torch.load(path, map_location=map_location, weights_only=False)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except EOFError:  # a legacy-format file cut off inside its pickle
+        raise _corrupt(path, 'its data ends early') from None
+    except RuntimeError as err:
+        first = (str(err).splitlines() or [''])[0]
+        if 'unexpected EOF' in first or 'corrupted' in first:  # legacy format, cut off
+            raise _corrupt(path, first) from None
+        raise
     except pickle.UnpicklingError as err:
-        names = _unsafe_globals(path) or [str(err).splitlines()[0]]
+        first = (str(err).splitlines() or [''])[0]
+        if 'truncated' in first:
+            raise _corrupt(path, first) from None
+        names = (_unsafe_globals(path) or sorted(set(re.findall(r'GLOBAL ([\w.]+)', str(err))))
+                 or [first])
         raise UnsafeCheckpointError(
             f'Refusing to load checkpoint {path!r}: it needs {", ".join(names)}, outside the '
             'allow-list of types a checkpoint may contain (torch.load(weights_only=True)). '

@@ -17,8 +17,9 @@ The ``MACs`` column is the sum of the three; ``paper`` is ``conv + matmul``.
 Conventions that reproduce the published OverLoCK figures (ImageNet classifier, 224 x 224):
 
 * the **re-parameterised (deploy) network**: each DilatedReparamBlock counts as one K x K depthwise
-  conv (the default here; ``--train-form`` counts the training form, about 6 % more MACs and 3 %
-  more parameters);
+  conv (the default here; ``--train-form`` counts the training form, the K x K conv and every
+  small dilated branch conv of each block on its own, ``k * k`` taps each: 5-6 % more MACs and
+  3 % more parameters);
 * **parameters without ``aux_head``** (the auxiliary classifier on the Overview-Net, unused at
   inference; with it the counts are 0.3-0.6 M higher, XT would be 5 % off);
 * **FLOPs = conv + matmul MACs, without the aggregation op**. The authors' code computes the
@@ -39,10 +40,12 @@ b      94.94       16.940       17.090       95M 16.7G  +1.4 %
 ====== =========== ============ ============ ========== ============
 
 Backbones and classifiers are built on the ``meta`` device (no memory, no compute; about a second
-for OverLoCK-B), configs on the CPU with random weights (their ``init_cfg`` is not applied). For a
-config, the network forward (``mode='tensor'``, no post-processing) is counted; the RoI heads of a
-two-stage detector run on the proposals the RPN keeps, so their share depends on the weights
-(``--checkpoint``), and a segmentor's auxiliary head (training only) is not run.
+for OverLoCK-B), configs on the CPU with random weights (their ``init_cfg`` is not applied).
+Convolutions count as defined on either device (a 13x13 kernel counts 13 x 13 taps whatever route
+the CPU would run it by). For a config, the network forward (``mode='tensor'``, no
+post-processing) is counted; the RoI heads of a two-stage detector run on the proposals the RPN
+keeps, so their share depends on the weights (``--checkpoint``), and a segmentor's auxiliary head
+(training only) is not run.
 """
 from __future__ import annotations
 
@@ -65,10 +68,11 @@ from mmoverlock.apis.analysis import (  # noqa: E402
     build_backbone,
     build_config_model,
     count_config_complexity,
+    count_model_complexity,
     reparameterize_model,
 )
 from mmoverlock.apis.errors import UsageError  # noqa: E402
-from mmoverlock.utils.flops import Complexity, count_complexity, format_count  # noqa: E402
+from mmoverlock.utils.flops import Complexity, format_count  # noqa: E402
 
 #: Published (params, FLOPs) of the ImageNet classifiers at 224 x 224.
 PUBLISHED = {
@@ -97,7 +101,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help='input H [W] (default 224 for backbones, 800 1216 for configs)')
     parser.add_argument('--batch-size', type=int, default=1)
     parser.add_argument('--train-form', action='store_true',
-                        help='count the training form (default: re-parameterised / deploy)')
+                        help='count the training form: every branch conv of each '
+                             'DilatedReparamBlock (default: the re-parameterised / deploy form)')
     parser.add_argument('--exclude-params', nargs='*', default=None,
                         help="parameter-name prefixes not counted (default: 'aux_head.' for the "
                              'OverLoCK classifier, none otherwise)')
@@ -154,7 +159,8 @@ def _count_backbone(args: argparse.Namespace, arch: Union[str, dict, None],
                            **args.backbone_args)
     converted = [] if args.train_form else reparameterize_model(model)
     x = torch.randn(args.batch_size, 3, *shape, device=device)
-    return count_complexity(model, x, exclude_params=exclude), converted
+    return count_model_complexity(model, x, train_form=args.train_form,
+                                  exclude_params=exclude), converted
 
 
 def count_backbones(args: argparse.Namespace) -> tuple[list[dict], list[Complexity]]:
@@ -171,6 +177,8 @@ def count_backbones(args: argparse.Namespace) -> tuple[list[dict], list[Complexi
         start = time.perf_counter()
         try:
             result, converted = _count_backbone(args, arch, shape, device, exclude)
+        except UsageError:
+            raise
         except (RuntimeError, NotImplementedError) as err:
             if device != 'meta':
                 raise
@@ -202,7 +210,7 @@ def count_config(args: argparse.Namespace) -> tuple[list[dict], list[Complexity]
     converted = [] if args.train_form else reparameterize_model(model)
     form = 'deploy' if converted else ('train' if args.train_form else '-')
     start = time.perf_counter()
-    result = count_config_complexity(model, shape, args.batch_size)
+    result = count_config_complexity(model, shape, args.batch_size, train_form=args.train_form)
     MMLogger.get_current_instance().info(f'counted in {time.perf_counter() - start:.1f} s')
     name = Path(args.config).stem
     rows = [_row(name, shape, form, result)]
@@ -267,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     print(format_table(rows))
     excluded = any(r['excluded_params'] for r in rows)
     print('MACs = conv + matmul + aggregation; paper = conv + matmul (how the OverLoCK and GLNet '
-          'papers count); form: deploy = re-parameterised'
+          'papers count); form: deploy = re-parameterised, train = every branch counted'
           + ('; params without ' + ', '.join(args.exclude_params or ['aux_head.'])
              if excluded else ''))
     if depth:

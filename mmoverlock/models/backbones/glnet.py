@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from ...registry import register_model
 from ..layers.glnet_blocks import SLOT_INITS, GLNetStage, build_glnet_block
-from ..utils.pretrained import STATE_DICT_KEYS, drop_keys, load_and_report, read_state_dict
+from ..utils.image_batch import check_image_batch
+from ..utils.pretrained import (
+    STATE_DICT_KEYS,
+    drop_keys,
+    load_and_report,
+    read_state_dict,
+    unwrap_state_dict,
+)
 from .base import DenseBackbone
 
 #: Keys of the ImageNet classifier that the backbone does not have.
@@ -48,6 +55,37 @@ def build_downsample_norm(kind: str, channels: int) -> nn.Module:
     if kind == 'ln':
         return LayerNorm2d(channels, eps=1e-6)
     raise ValueError(f'downsample_norm must be one of {DOWNSAMPLE_NORMS}, got {kind!r}')
+
+
+#: Archs whose released checkpoint keeps its weights in ``model_ema`` (the others: in ``model``).
+EMA_RELEASES = ('16g',)
+
+
+def checkpoint_state_keys(arch_name: Optional[str]) -> tuple[str, ...]:
+    """Checkpoint entries holding a GLNet's weights, in order of preference.
+
+    The authors' release keeps the weights under ``model``, for GLNet-16G under ``model_ema``; a
+    file holding both loads that one. ``state_dict`` (mmengine checkpoints, ours) comes first.
+
+    Args:
+        arch_name: Lower-case arch name, or None for a custom arch dict.
+    """
+    if arch_name in EMA_RELEASES:
+        return ('state_dict', 'model_ema', 'model', 'module')
+    return STATE_DICT_KEYS
+
+
+def select_checkpoint_state(ckpt: object, arch_name: Optional[str],
+                            source: str = 'checkpoint') -> dict:
+    """The weights of a loaded GLNet checkpoint by :func:`checkpoint_state_keys` (the rule of
+    both the backbone's and the timm classifier's loading); logs which entry was taken.
+
+    Args:
+        ckpt: The loaded checkpoint.
+        arch_name: Lower-case arch name, or None for a custom arch dict.
+        source: Name of the checkpoint, for the log.
+    """
+    return unwrap_state_dict(ckpt, checkpoint_state_keys(arch_name), source=source)
 
 
 class LoadResult(NamedTuple):
@@ -99,9 +137,18 @@ class GLNet(DenseBackbone):
         with_cp: Gradient checkpointing: a bool for every block, or four ints giving the number
             of leading blocks checkpointed in each stage.
         with_out_norms: Add the output norms (dense prediction); the ImageNet classifier has none.
-        init_cfg: ``dict(type='Pretrained', checkpoint=..., prefix=None)`` loads the authors'
-            ImageNet checkpoint (or one of ours); otherwise weights are initialised as the
-            authors do.
+        init_cfg: mmengine's init_cfg (a dict or a list of dicts; see
+            :meth:`~mmoverlock.models.backbones.base.DenseBackbone.init_weights`): the weights
+            are first initialised as the authors do, then by the given mmengine initialisers,
+            last ``dict(type='Pretrained', checkpoint=..., prefix=None)`` loads the authors'
+            ImageNet checkpoint (weights under ``model``, for 16g under ``model_ema``, see
+            :func:`checkpoint_state_keys`) or one of ours.
+        pretrained: Deprecated, for mmseg's ``EncoderDecoder``, which passes
+            ``model.pretrained`` here. A checkpoint path is loaded as
+            ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)`` (with a warning; giving
+            ``init_cfg`` too is an error). A model-zoo name (``open-mmlab://...``,
+            ``torchvision://...``: another network, such as the ``open-mmlab://resnet50_v1c``
+            of stock mmseg base configs) is ignored with a warning.
     """
 
     arch_zoo = {
@@ -111,9 +158,6 @@ class GLNet(DenseBackbone):
         '9g': _g([96, 192, 384, 768]),
         '16g': _g([128, 256, 512, 1024], layerscale=1e-4),
     }
-    #: Checkpoint entries holding the weights, by arch name, in order of preference.
-    checkpoint_keys = {'16g': ('state_dict', 'model_ema', 'model', 'module')}
-
     def __init__(self,
                  arch: Union[str, dict] = '4g',
                  out_indices: Sequence[int] = (0, 1, 2, 3),
@@ -122,7 +166,9 @@ class GLNet(DenseBackbone):
                  drop_path_rate: float = 0.0,
                  with_cp: Union[bool, Sequence[int]] = False,
                  with_out_norms: bool = True,
-                 init_cfg: Optional[dict] = None) -> None:
+                 init_cfg: Union[dict, list, None] = None,
+                 pretrained: Optional[str] = None) -> None:
+        init_cfg = self.merge_pretrained_arg(pretrained, init_cfg, type(self).__name__)
         super().__init__(init_cfg=init_cfg)
         self.arch_name = arch.lower() if isinstance(arch, str) else None
         self.arch_settings = self.resolve_arch(arch)
@@ -255,6 +301,7 @@ class GLNet(DenseBackbone):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Return the (normalised) outputs of the stages in ``out_indices`` for images ``x``."""
+        check_image_batch(x, 'GLNet')
         outs = self.forward_stages(x, max(self.out_indices))
         if self.with_out_norms:
             return tuple(self.out_norms[str(i)](outs[i]) for i in self.out_indices)
@@ -292,15 +339,15 @@ class GLNet(DenseBackbone):
         explanation.
 
         Args:
-            checkpoint: Path or URL of the checkpoint (weights under ``model``, ``model_ema``,
-                ``state_dict`` or at the top level).
+            checkpoint: Path or URL of the checkpoint (weights under ``state_dict``, ``model``,
+                ``model_ema`` or at the top level; see :func:`checkpoint_state_keys`).
             prefix: Keep only keys under this prefix (e.g. ``'backbone.'``), stripped.
 
         Returns:
             The missing, unexpected and ignored keys.
         """
-        keys = self.checkpoint_keys.get(self.arch_name, STATE_DICT_KEYS)
-        state = read_state_dict(checkpoint, prefix=prefix, state_keys=keys)
+        state = read_state_dict(checkpoint, prefix=prefix,
+                                state_keys=checkpoint_state_keys(self.arch_name))
         state, ignored = drop_keys(state, CLASSIFIER_PREFIXES)
         self.check_compatible(state, source=str(checkpoint))
         mine = set(self.state_dict())
@@ -334,7 +381,7 @@ class GLNet(DenseBackbone):
     @classmethod
     def _summary_of(cls, name: str) -> dict:
         with torch.device('meta'):
-            model = cls(name, with_out_norms=False)
+            model = GLNet(name, with_out_norms=False)  # also for subclasses (the classifier)
         return cls.arch_of_state_dict(model.state_dict())
 
     @staticmethod
@@ -393,4 +440,5 @@ class GLNet(DenseBackbone):
         return found
 
 
-__all__ = ['GLNet', 'LoadResult', 'build_downsample_norm']
+__all__ = ['GLNet', 'LoadResult', 'build_downsample_norm', 'checkpoint_state_keys',
+           'select_checkpoint_state']

@@ -18,6 +18,7 @@ from ...registry import register_model
 from ..layers.basic import LayerScale, PointwiseConv2d
 from ..layers.dilated_reparam import DilatedReparamBlock
 from ..layers.overlock_blocks import DynamicConvBlock, RepConvBlock
+from ..utils.image_batch import check_image_batch
 from ..utils.pretrained import drop_keys, load_and_report, read_state_dict
 from ..utils.recompute import checkpoint_module
 from .base import DenseBackbone
@@ -96,8 +97,21 @@ class OverLoCK(DenseBackbone):
             in the ordinary contiguous layout. PyTorch's CPU depthwise convolutions with large
             kernels are an order of magnitude faster in this layout (see ``benchmarks/``); the
             parameters and their layout are unchanged.
-        init_cfg: ``dict(type='Pretrained', checkpoint=..., prefix=...)`` loads released weights;
-            otherwise weights are initialised as the authors do.
+        init_cfg: mmengine's init_cfg (a dict or a list of dicts; see
+            :meth:`~mmoverlock.models.backbones.base.DenseBackbone.init_weights`). The weights
+            are first initialised as the authors do (truncated-normal std 0.02 convs with zero
+            bias, unit norms, LayerScales at their init value), then by the given mmengine
+            initialisers, last ``dict(type='Pretrained', checkpoint=..., prefix=...)`` loads
+            released weights (what a checkpoint lacks, e.g. ``h_proj``/``extra_norm`` of an
+            ImageNet one, keeps the initialisation before it). A checkpoint of another arch or
+            form is refused: an ADE20K (segmentation-form) checkpoint needs
+            ``overview_fusion=False``, a COCO (detection-form) one ``overview_fusion=True``.
+        pretrained: Deprecated, for mmseg's ``EncoderDecoder``, which passes
+            ``model.pretrained`` here. A checkpoint path is loaded as
+            ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)`` (with a warning; giving
+            ``init_cfg`` too is an error). A model-zoo name (``open-mmlab://...``,
+            ``torchvision://...``: another network, such as the ``open-mmlab://resnet50_v1c``
+            of stock mmseg base configs) is ignored with a warning.
     """
 
     arch_zoo = {
@@ -133,7 +147,9 @@ class OverLoCK(DenseBackbone):
                  deploy: bool = False,
                  with_out_norms: bool = True,
                  channels_last: bool = True,
-                 init_cfg: Optional[dict] = None) -> None:
+                 init_cfg: Union[dict, list, None] = None,
+                 pretrained: Optional[str] = None) -> None:
+        init_cfg = self.merge_pretrained_arg(pretrained, init_cfg, type(self).__name__)
         super().__init__(init_cfg=init_cfg)
         self.channels_last = channels_last
         self.arch_settings = self.resolve_arch(arch)
@@ -275,6 +291,7 @@ class OverLoCK(DenseBackbone):
         return outs, ctx
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        check_image_batch(x, 'OverLoCK')
         outs, ctx = self.forward_features(x)
         if self.with_out_norms:
             outs = [outs[i] if i == 1 else self.extra_norm[i](o) for i, o in enumerate(outs)]
@@ -315,8 +332,14 @@ class OverLoCK(DenseBackbone):
         """Load the authors' ImageNet / COCO / ADE20K checkpoint (or ours) into this backbone.
 
         Classifier heads are ignored, the output norms and ``h_proj`` (absent from ImageNet
-        checkpoints) are reported as newly initialised, and a checkpoint of another arch or form
-        (training vs re-parameterised) is refused with an explanation.
+        checkpoints) are reported as newly initialised (they keep their current values; through
+        :meth:`init_weights` that is the authors' initialisation), and a checkpoint of another
+        arch or form (training vs re-parameterised, detection vs segmentation) is refused with an
+        explanation.
+
+        Args:
+            checkpoint: Path or URL of the checkpoint.
+            prefix: Keep only keys under this prefix (e.g. ``'backbone.'``), stripped.
 
         Returns:
             The missing and unexpected keys (after dropping the classifier heads).
@@ -324,10 +347,20 @@ class OverLoCK(DenseBackbone):
         state = read_state_dict(checkpoint, prefix=prefix)
         state, ignored = drop_keys(state, CLASSIFIER_PREFIXES)
         self.check_compatible(state, source=checkpoint)
-        if not self.with_out_norms or not self.overview_fusion:
-            state, _ = drop_keys(state, ('h_proj.', 'extra_norm.4.') if self.with_out_norms
-                                 else ('h_proj.', 'extra_norm.'))
+        if not self.with_out_norms:
+            # The classifier form has no output norms: a dense checkpoint's are not used.
+            state, _ = drop_keys(state, ('h_proj.', 'extra_norm.'))
         return load_and_report(self, state, checkpoint, ignored)
+
+    @staticmethod
+    def form_of_state_dict(state: dict) -> str:
+        """``'detection'`` (``h_proj`` / ``extra_norm.4`` present), ``'segmentation'`` (output
+        norms without those) or ``'classification'`` (no output norms: the ImageNet release)."""
+        if any(k.startswith(('h_proj.', 'extra_norm.4.')) for k in state):
+            return 'detection'
+        if any(k.startswith('extra_norm.') for k in state):
+            return 'segmentation'
+        return 'classification'
 
     def check_compatible(self, state: dict, source: str = 'checkpoint') -> None:
         """Raise a clear error if ``state`` belongs to another arch or form of OverLoCK."""
@@ -353,6 +386,16 @@ class OverLoCK(DenseBackbone):
         if not reparam and self.deploy and any('origin_bn' in k for k in state):
             raise ValueError(f'{source} holds the training form; build the backbone with '
                              'deploy=False, load it, then call reparameterize().')
+        form = self.form_of_state_dict(state)
+        mine = 'detection' if self.overview_fusion else 'segmentation'
+        if self.with_out_norms and form not in ('classification', mine):
+            fits = form == 'detection'
+            effect = ('its h_proj and extra_norm.4 would be dropped' if fits else
+                      'h_proj and extra_norm.4 would stay untrained')
+            raise ValueError(
+                f'{source} holds the {form} form of OverLoCK (overview_fusion={fits}), this '
+                f'backbone is the {mine} form (overview_fusion={self.overview_fusion}): {effect}. '
+                f'It matches overview_fusion={fits}; build the backbone with that to load it.')
 
     @staticmethod
     def arch_of_state_dict(state: dict) -> dict:

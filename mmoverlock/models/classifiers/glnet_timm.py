@@ -6,20 +6,39 @@ their checkpoints load directly::
     model = timm.create_model('glnet_4g', pretrained=True,
                               pretrained_cfg_overlay=dict(file='glnet_4g.pth'))
 
-(timm takes the weights from ``model_ema`` or ``model`` in the file.) No download URL is
-registered: the authors host their checkpoints themselves.
+The weights are taken from the file's ``model`` entry (``model_ema`` for GLNet-16G), the same rule
+as the backbone's (:func:`~mmoverlock.models.backbones.glnet.checkpoint_state_keys`), and the
+arch is checked. (timm's generic ``checkpoint_path=`` loader prefers ``model_ema`` in any file.)
+No download URL is registered: the authors host their checkpoints themselves.
+
+``features_only=True`` (with ``out_indices``, default all four) gives the four stage outputs
+(strides 4, 8, 16, 32) through timm's feature getter and :meth:`GLNetClassifier.
+forward_intermediates`.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
+from mmengine.logging import MMLogger
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ..backbones.glnet import GLNet, build_downsample_norm
+from ..backbones.glnet import (
+    CLASSIFIER_PREFIXES,
+    GLNet,
+    LoadResult,
+    build_downsample_norm,
+    checkpoint_state_keys,
+    select_checkpoint_state,
+)
+from ..utils.pretrained import drop_keys, read_state_dict
 
 __all__ = ['GLNetClassifier']
+
+#: Number of stage outputs.
+NUM_STAGES = 4
 
 
 class GLNetClassifier(GLNet):
@@ -89,19 +108,96 @@ class GLNetClassifier(GLNet):
         """Class logits for images ``x``."""
         return self.forward_head(self.forward_features(x))
 
+    def forward_intermediates(self, x: Tensor, indices: Union[int, list, tuple, None] = None,
+                              norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = 'NCHW', intermediates_only: bool = False
+                              ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]]]:
+        """timm's intermediate-feature API: the (NCHW) outputs of the stages in ``indices``.
 
-def _unwrap_checkpoint(state: dict, model: nn.Module) -> dict:
-    """timm ``pretrained_filter_fn``: take the weights from the authors' checkpoint layout."""
-    for key in ('model_ema', 'model', 'state_dict'):
-        if isinstance(state.get(key), dict):
-            return state[key]
-    return state
+        Args:
+            x: Images.
+            indices: Stage indices (negative from the end), the last n stages if an int, all if
+                None.
+            norm: Apply the final ``norm`` to the last stage's output if it is taken.
+            stop_early: Run no stage after the last one taken.
+            output_fmt: ``'NCHW'`` (the only layout).
+            intermediates_only: Return only the intermediates.
+
+        Returns:
+            The intermediates, or (final features, intermediates).
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"GLNet features are NCHW, got output_fmt={output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        last = max_index if stop_early or intermediates_only else len(self.stages) - 1
+        outs = self.forward_stages(x, last)
+        feats = [self.norm(outs[i]) if norm and i == NUM_STAGES - 1 else outs[i] for i in take]
+        return feats if intermediates_only else (outs[-1], feats)
+
+    def prune_intermediate_layers(self, indices: Union[int, list, tuple] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop what the stage outputs ``indices`` do not need (timm's feature getter calls it).
+
+        Args:
+            indices: Stage outputs to keep, as for :meth:`forward_intermediates`.
+            prune_norm: Replace the final ``norm`` by an identity.
+            prune_head: Remove the classifier head.
+
+        Returns:
+            The absolute indices kept.
+        """
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        self.downsample_layers = self.downsample_layers[:max_index + 1]
+        if prune_norm or max_index < NUM_STAGES - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> LoadResult:
+        """Load the authors' ImageNet checkpoint into the classifier (timm's ``custom_load``).
+
+        The weights come from the entry :func:`checkpoint_state_keys` names (logged), the arch is
+        checked, and all keys must match; ``head.*`` is dropped (and logged) when its number of
+        classes differs from ``num_classes``.
+
+        Args:
+            checkpoint: Path or URL of the checkpoint.
+            prefix: Keep only keys under this prefix, stripped.
+
+        Returns:
+            The missing (``head.*`` when dropped), unexpected (none) and dropped keys.
+        """
+        state = read_state_dict(checkpoint, prefix=prefix,
+                                state_keys=checkpoint_state_keys(self.arch_name))
+        self.check_compatible(drop_keys(state, CLASSIFIER_PREFIXES)[0], source=str(checkpoint))
+        dropped: list = []
+        head = state.get('head.weight')
+        if head is not None and head.shape[0] != self.num_classes:
+            state, dropped = drop_keys(state, ('head.',))
+            MMLogger.get_current_instance().info(
+                f'GLNetClassifier: {checkpoint} has {head.shape[0]} classes, the model '
+                f'{self.num_classes}: head not loaded')
+        result = self.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not (dropped and k.startswith('head.'))]
+        if missing or result.unexpected_keys:
+            raise ValueError(f'{checkpoint} does not fit GLNetClassifier: missing keys '
+                             f'{missing}, unexpected keys {result.unexpected_keys}')
+        return LoadResult(list(result.missing_keys), [], dropped)
+
+
+def _unwrap_checkpoint(state: dict, model: GLNetClassifier) -> dict:
+    """timm ``pretrained_filter_fn``: the weights of a checkpoint given as a dict, by the rule of
+    :func:`~mmoverlock.models.backbones.glnet.checkpoint_state_keys` for ``model``'s arch."""
+    return select_checkpoint_state(state, getattr(model, 'arch_name', None),
+                                   source=f'{type(model).__name__} (timm)')
 
 
 def _cfg(**kwargs) -> dict:
     return dict(url='', num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
                 crop_pct=0.9, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN,
-                std=IMAGENET_DEFAULT_STD, classifier='head', **kwargs)
+                std=IMAGENET_DEFAULT_STD, classifier='head', custom_load=True, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
@@ -113,9 +209,30 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def feature_cfg_of(kwargs: dict, default: Any = NUM_STAGES) -> dict:
+    """timm ``feature_cfg`` for ``features_only`` (the feature getter, ``out_indices`` popped from
+    ``kwargs``); ``out_indices`` without ``features_only`` is an error.
+
+    Args:
+        kwargs: The keyword arguments of ``timm.create_model`` (modified in place).
+        default: ``out_indices`` when not given (an int n: the last n stages).
+    """
+    if 'out_indices' in kwargs and not kwargs.get('features_only', False):
+        raise ValueError('out_indices selects the outputs of a features_only=True model; pass '
+                         'features_only=True too')
+    return dict(out_indices=kwargs.pop('out_indices', default), feature_cls='getter')
+
+
 def _create(variant: str, arch: str, pretrained: bool, **kwargs) -> GLNetClassifier:
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    if overlay.get('file') or overlay.get('url'):
+        # timm resets custom_load for a weight source given here; every GLNet weight file has
+        # the authors' layout, which GLNetClassifier.load_pretrained reads (entry rule, checks).
+        overlay.setdefault('custom_load', True)
     return build_model_with_cfg(GLNetClassifier, variant, pretrained, arch=arch,
-                                pretrained_filter_fn=_unwrap_checkpoint, **kwargs)
+                                pretrained_cfg_overlay=overlay,
+                                pretrained_filter_fn=_unwrap_checkpoint,
+                                feature_cfg=feature_cfg_of(kwargs), **kwargs)
 
 
 @register_model

@@ -4,11 +4,14 @@ Training form: a KxK depthwise conv plus several small dilated depthwise convs, 
 summed (on the CPU, with plain training-mode BNs, run as one function:
 :func:`mmoverlock.ops.conv_bn_sum`). Deploy form: one KxK depthwise conv with bias computing the
 same function in eval mode. The conversion is built from small pure functions (BN folding,
-dilated-to-dense kernels, centred padding).
+dilated-to-dense kernels, centred padding). In eval mode without autograd the training form
+merges its branches on the fly into the deploy kernel, except inside :func:`separate_branches`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,21 @@ DILATED_BRANCHES: dict[int, tuple[Sequence[int], Sequence[int]]] = {
     7: ((5, 3, 3, 3), (1, 1, 2, 3)),
     5: ((3, 3), (1, 2)),
 }
+
+
+_SEPARATE = threading.local()
+
+
+@contextmanager
+def separate_branches() -> Iterator[None]:
+    """Within this context (in this thread) training-form blocks never merge their branches at
+    inference: every branch's conv and BN runs on its own, as the training form is defined (what
+    ``tools/analysis/get_flops.py --train-form`` counts). Same values up to rounding."""
+    _SEPARATE.depth = getattr(_SEPARATE, 'depth', 0) + 1
+    try:
+        yield
+    finally:
+        _SEPARATE.depth -= 1
 
 
 def fuse_conv_bn(kernel: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -108,8 +126,11 @@ class DilatedReparamBlock(nn.Module):
 
     def _fuse_in_training(self, x: Tensor) -> bool:
         """Training on the CPU with plain, training-mode BatchNorms (not SyncBN, not frozen):
-        the branches run as one function (:func:`mmoverlock.ops.conv_bn_sum`)."""
+        the branches run as one function (:func:`mmoverlock.ops.conv_bn_sum`). Not under
+        autocast: that function computes in float32, the modules run the convolutions in the
+        autocast dtype."""
         if not (torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
+                and not torch.is_autocast_enabled('cpu')
                 and _depthwise_conv.CUSTOM_BACKWARD and not torch.jit.is_tracing()):
             return False
         return all(type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats
@@ -127,7 +148,10 @@ class DilatedReparamBlock(nn.Module):
                            [bn.running_var for bn in bns], momenta, [bn.eps for bn in bns])
 
     def _merge_at_inference(self) -> bool:
-        """Inference (no autograd) with every BN using its running statistics."""
+        """Inference (no autograd) with every BN using its running statistics, outside
+        :func:`separate_branches`."""
+        if getattr(_SEPARATE, 'depth', 0) > 0:
+            return False
         return not torch.is_grad_enabled() and not any(
             m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d))
 

@@ -13,20 +13,44 @@ from torch import nn
 STATE_DICT_KEYS = ('state_dict', 'model', 'model_ema', 'module')
 
 
+def unwrap_state_dict(ckpt: object, state_keys: Sequence[str] = STATE_DICT_KEYS,
+                      source: str = 'checkpoint') -> dict:
+    """The weights of a loaded checkpoint: the entry under the first of ``state_keys`` that holds
+    a dict, else ``ckpt`` itself. Which entry was taken is logged (MMLogger, INFO).
+
+    Args:
+        ckpt: The loaded checkpoint object.
+        state_keys: Entries that may hold the weights, in order of preference.
+        source: Name of the checkpoint, for the log and errors.
+
+    Returns:
+        The state dict (not copied).
+    """
+    state, entry = ckpt, None
+    if isinstance(ckpt, dict):
+        entry = next((k for k in state_keys if isinstance(ckpt.get(k), dict)), None)
+        if entry is not None:
+            state = ckpt[entry]
+    if not isinstance(state, dict):
+        raise ValueError(f'{source} does not hold a state dict (found {type(state).__name__})')
+    where = f'entry {entry!r}' if entry is not None else 'the top level'
+    MMLogger.get_current_instance().info(f'{source}: weights taken from {where} of the checkpoint')
+    return state
+
+
 def read_state_dict(checkpoint: str, prefix: Optional[str] = None,
                     state_keys: Sequence[str] = STATE_DICT_KEYS) -> OrderedDict[str, torch.Tensor]:
     """Load ``checkpoint`` (safely, see :mod:`mmoverlock.utils.safe_checkpoint`) and return the
-    weights, unwrapped from the first of ``state_keys`` it has and restricted to ``prefix``."""
+    weights, unwrapped from the first of ``state_keys`` it has and restricted to ``prefix``.
+
+    Args:
+        checkpoint: Path or URL of the checkpoint.
+        prefix: Keep only the keys under this prefix (e.g. ``'backbone.'``), stripped.
+        state_keys: Checkpoint entries that may hold the weights, in order of preference (see
+            :func:`unwrap_state_dict`).
+    """
     ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    state = ckpt
-    if isinstance(ckpt, dict):
-        for key in state_keys:
-            if key in ckpt and isinstance(ckpt[key], dict):
-                state = ckpt[key]
-                break
-    if not isinstance(state, dict):
-        raise ValueError(f'{checkpoint!r} does not hold a state dict '
-                         f'(found {type(state).__name__})')
+    state = unwrap_state_dict(ckpt, state_keys, source=str(checkpoint))
     state = OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in state.items())
     if prefix:
         if not prefix.endswith('.'):
