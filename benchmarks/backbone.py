@@ -57,12 +57,11 @@ def build(impl: str, arch: str, deploy: bool, with_cp: bool = False):
         return SwinTransformer(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                                window_size=7, out_indices=(0, 1, 2, 3))
     from mmoverlock.models.backbones.overlock import OverLoCK
-    ours = impl == 'ours'
-    if not ours:  # PyTorch's own convolutions, forward and backward, as in the authors' code
-        from mmoverlock.ops import depthwise_conv, pointwise_conv
-        depthwise_conv.CUSTOM_BACKWARD = False
-        pointwise_conv.ONEDNN = False
-    model = OverLoCK(arch, selective_cp=ours, channels_last=ours, with_cp=ours and with_cp)
+    from mmoverlock.utils.benchmark import apply_route, route_kwargs
+    # the baseline: the authors' aggregation route, PyTorch's own convolutions (forward and
+    # backward), NCHW, plain autograd; the switches stay set for the rest of the process
+    apply_route(impl)
+    model = OverLoCK(arch, with_cp=impl == 'ours' and with_cp, **route_kwargs(impl))
     model.init_weights()
     if deploy:
         model.eval().reparameterize()

@@ -53,5 +53,6 @@ n_whl=$(find "$DEST" -name '*.whl' | wc -l)
 [ "$n_whl" -eq "${#WHEELS[@]}" ] || die "expected ${#WHEELS[@]} wheels in $DEST, found $n_whl"
 ls "$DEST"/mmcv-*.tar.gz >/dev/null 2>&1 || die "the mmcv source was not downloaded"
 size_kib=$(du -sk "$DEST" | cut -f1)
-echo "gpu_bundle: $n_whl wheels + $(basename "$DEST"/mmcv-*.tar.gz) in $DEST: $((size_kib / 1024)) MiB"
+echo "gpu_bundle: $n_whl wheels + $(basename "$DEST"/mmcv-*.tar.gz) in $DEST:" \
+  "$(awk -v k="$size_kib" 'BEGIN { printf "%.1f", k / 1024 }') MiB"
 [ "$size_kib" -le $((LIMIT_MIB * 1024)) ] || die "bundle is over $LIMIT_MIB MiB"

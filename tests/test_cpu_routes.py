@@ -10,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmoverlock.ops import cpu_routes, depthwise_conv
+from mmoverlock.ops import (
+    cpu_routes,
+    depthwise_conv,
+    na2d_av_reference,
+    neighborhood_aggregate,
+    pointwise_conv,
+    pointwise_conv2d,
+)
 from mmoverlock.ops.depthwise_conv import (
     _same_conv_routes,
     depthwise_weight_grad,
@@ -189,3 +196,185 @@ def test_bad_settings_are_refused(monkeypatch) -> None:
     monkeypatch.setitem(cpu_routes._state, 'mode', 'measure')
     with pytest.raises(ValueError, match='default route'):
         cpu_routes.choose('op', (1,), {'a': lambda: None}, 'b')
+
+
+# ----------------------------------------------------------------------------------------------
+# 1x1 convolutions (mmoverlock.ops.pointwise_conv): forward / input-gradient and weight-gradient
+# routes
+# ----------------------------------------------------------------------------------------------
+def _pointwise_inputs(layout: str, in_ch: int = 6, out_ch: int = 10):
+    gen = torch.Generator().manual_seed(in_ch * out_ch)
+    full = torch.randn(2, in_ch + 3, 7, 9, generator=gen)
+    if layout == 'cf':
+        x = full[:, :in_ch].contiguous()
+    elif layout == 'cl':
+        x = full[:, :in_ch].contiguous(memory_format=torch.channels_last)
+    else:  # a channel slice of a channels-last map, as OverLoCK's dynamic blocks pass
+        x = full.contiguous(memory_format=torch.channels_last)[:, 2:2 + in_ch]
+    return x, torch.randn(out_ch, in_ch, 1, 1, generator=gen), torch.randn(out_ch, generator=gen)
+
+
+def _pointwise_by_definition(x, weight, bias):
+    out = torch.einsum('bchw,oc->bohw', x.double(), weight.double()[:, :, 0, 0])
+    return out if bias is None else out + bias.double()[:, None, None]
+
+
+@pytest.mark.parametrize('layout', ['cf', 'cl', 'slice'])
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_every_pointwise_route_is_the_convolution(layout, with_bias) -> None:
+    x, weight, bias = _pointwise_inputs(layout)
+    bias = bias if with_bias else None
+    assert pointwise_conv.pointwise_route_key(x, weight, bias)[3] == layout.replace(
+        'slice', 'strided')
+    expected = _pointwise_by_definition(x, weight, bias)
+    routes = pointwise_conv._conv1x1_routes(x, weight, bias)
+    assert set(routes) == {'onednn', 'aten'} and pointwise_conv.FORWARD_DEFAULT_ROUTE in routes
+    for name, route in routes.items():
+        torch.testing.assert_close(route().double(), expected, atol=1e-5, rtol=1e-5, msg=name)
+    for mode in cpu_routes.MODES:
+        with cpu_routes.routes_mode(mode):
+            torch.testing.assert_close(pointwise_conv.conv1x1_routed(x, weight, bias).double(),
+                                       expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('in_ch,out_ch', [(5, 12), (12, 5)])  # both shapes of the oneDNN product
+def test_every_pointwise_weight_grad_route_is_the_definition(in_ch, out_ch) -> None:
+    gen = torch.Generator().manual_seed(in_ch)
+    grad_rows, x_rows = torch.randn(300, out_ch, generator=gen), torch.randn(300, in_ch,
+                                                                             generator=gen)
+    expected = torch.einsum('no,nc->oc', grad_rows.double(), x_rows.double())
+    routes = pointwise_conv._weight_grad_routes(grad_rows, x_rows)
+    assert set(routes) == {'onednn', 'mm'}
+    assert pointwise_conv.WEIGHT_GRAD_DEFAULT_ROUTE in routes
+    for name, route in routes.items():
+        got = route()
+        assert got.shape == (out_ch, in_ch)
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize('forward_route', ['onednn', 'aten'])
+@pytest.mark.parametrize('grad_route', ['onednn', 'mm'])
+def test_pointwise_conv_with_every_route_pair(forward_route, grad_route, monkeypatch) -> None:
+    """The autograd function, forced onto each pair of routes, against float64 autograd of the
+    definition (forward, input, weight and bias gradients)."""
+    asked = {}
+
+    def force(op, key, candidates, default):
+        asked[op] = sorted(candidates)
+        return forward_route if op == 'pointwise_conv' else grad_route
+
+    monkeypatch.setattr(cpu_routes, 'choose', force)
+    x, weight, bias = _pointwise_inputs('cl')
+    grad = torch.randn(2, 10, 7, 9, generator=torch.Generator().manual_seed(5))
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = pointwise_conv2d(*leaves)
+    out.backward(grad)
+    ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    expected = _pointwise_by_definition(*ref)
+    expected.backward(grad.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(leaves, ref):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-4, rtol=1e-5)
+    assert asked == {'pointwise_conv': ['aten', 'onednn'],
+                     'pointwise_weight_grad': ['mm', 'onednn']}
+
+
+def test_pointwise_routes_are_measured_once_per_key_and_fixed_when_asked(monkeypatch) -> None:
+    calls = []
+    onednn = pointwise_conv._onednn_conv1x1
+
+    def spy(*args):
+        calls.append('onednn')
+        return onednn(*args)
+
+    monkeypatch.setattr(pointwise_conv, '_onednn_conv1x1', spy)
+    table = {'onednn': 2.0, 'aten': 1.0}
+    monkeypatch.setattr(cpu_routes, 'measure',
+                        lambda candidates, repeats=2: {n: table[n] for n in candidates})
+    x, weight, bias = _pointwise_inputs('cl')
+    with torch.no_grad():
+        pointwise_conv2d(x, weight, bias)
+        pointwise_conv2d(x, weight, bias)
+    stats = cpu_routes.route_stats()
+    assert stats['measured'] == 1 and list(stats['choices'].values()) == ['aten']
+    assert calls == []  # the (fake) measuring ran nothing, the chosen route is aten's
+    # fixed: the default (oneDNN) without measuring
+    cpu_routes.clear_routes()
+    monkeypatch.setattr(cpu_routes, 'measure', lambda *a, **k: pytest.fail('measured'))
+    with cpu_routes.routes_mode('fixed'), torch.no_grad():
+        pointwise_conv2d(x, weight, bias)
+    assert calls == ['onednn'] and pointwise_conv.FORWARD_DEFAULT_ROUTE == 'onednn'
+
+
+# ----------------------------------------------------------------------------------------------
+# Neighbourhood aggregation (mmoverlock.ops.neighborhood, backend='torch' on the CPU)
+# ----------------------------------------------------------------------------------------------
+def _aggregation_inputs(dtype, width=11, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    attn = torch.randn(2, 2, 9, width, 25, generator=gen, dtype=torch.float64).softmax(-1)
+    value = torch.randn(2, 2, 9, width, 3, generator=gen, dtype=torch.float64)
+    return attn.to(dtype), value.to(dtype)
+
+
+@pytest.mark.parametrize('route', ['sparse', 'banded', 'taps'])
+def test_every_aggregation_route_is_the_definition(route, monkeypatch) -> None:
+    """Each route, forced through the measuring hook, against the per-pixel definition: output
+    and both gradients, in float64."""
+    asked = []
+
+    def force(op, key, candidates, default):
+        asked.append((op, sorted(candidates), key[-1]))
+        return route
+
+    monkeypatch.setattr(cpu_routes, 'choose', force)
+    attn, value = _aggregation_inputs(torch.float64)
+    leaves = [attn.clone().requires_grad_(), value.clone().requires_grad_()]
+    out = neighborhood_aggregate(*leaves, backend='torch')
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref = [attn.clone().requires_grad_(), value.clone().requires_grad_()]
+    expected = na2d_av_reference(*ref)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    for got, want in zip(leaves, ref):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-12, rtol=1e-12)
+    assert asked == [('neighborhood_aggregate', ['banded', 'sparse', 'taps'], 'fwd+bwd')]
+
+
+def test_aggregation_candidates_follow_the_dtype(monkeypatch) -> None:
+    asked = []
+
+    def force(op, key, candidates, default):
+        asked.append((sorted(candidates), default))
+        return default
+
+    monkeypatch.setattr(cpu_routes, 'choose', force)
+    for width in (11, 26):  # W <= 5 K: banded, wider: taps
+        attn, value = _aggregation_inputs(torch.bfloat16, width)
+        out = neighborhood_aggregate(attn, value, backend='torch')
+        expected = na2d_av_reference(attn.float(), value.float())
+        torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+    # MKL's CSR product has no bfloat16: sparse is no candidate
+    assert asked == [(['banded', 'taps'], 'banded'), (['banded', 'taps'], 'taps')]
+
+
+def test_aggregation_measures_forward_and_training_apart() -> None:
+    attn, value = _aggregation_inputs(torch.float32)
+    expected = na2d_av_reference(attn, value)
+    with torch.no_grad():
+        out = neighborhood_aggregate(attn, value, backend='torch')
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    leaves = [attn.clone().requires_grad_(), value.clone().requires_grad_()]
+    out = neighborhood_aggregate(*leaves, backend='torch')
+    # the measuring ran forward + backward on copies: nothing reached the caller's leaves
+    assert leaves[0].grad is None and leaves[1].grad is None
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    stats = cpu_routes.route_stats()
+    keys = sorted(stats['choices'])
+    assert stats['measured'] == 2 and all(k.startswith('neighborhood_aggregate') for k in keys)
+    assert any("'fwd'" in k for k in keys) and any("'fwd+bwd'" in k for k in keys)
+    for key in keys:
+        assert set(stats['timings'][key]) == {'sparse', 'banded', 'taps'}
+    # the same call again is not measured again
+    neighborhood_aggregate(*leaves, backend='torch')
+    assert cpu_routes.route_stats()['measured'] == 2

@@ -22,6 +22,7 @@ from mmoverlock.apis import (
     format_status,
     read_status,
     run_demo,
+    run_demos,
     write_status,
 )
 from mmoverlock.apis.progress import format_duration
@@ -95,6 +96,11 @@ def test_bars_on_a_terminal() -> None:
     assert '\r' in text  # redrawn in place
     display.update('det', _train(150, loss=0.4))
     assert '150/300' in stream.getvalue()[len(text):]
+    text = stream.getvalue()
+    display.update('seg', dict(phase='done', message='mIoU 90.00'))
+    done = stream.getvalue()[len(text):]
+    assert 'seg done' in done and ': mIoU 90.00' in done
+    assert '/16' not in done and 'it/s' not in done  # no counter for a finished task
     display.close()
     assert 'det: train' not in stream.getvalue()  # no plain lines
 
@@ -160,3 +166,22 @@ def test_demo_checks_its_inputs_first(tiny_seg_config: str, tmp_path: Path) -> N
     with pytest.raises(UsageError, match='--iters'):
         demo.parse_args(['--iters', '0'])
     assert demo.parse_args(['--iters', '2', '--task', 'seg']).iters == 2
+
+
+def test_run_demos_in_a_worker_with_progress_lines(tiny_seg_config: str, tmp_path: Path) -> None:
+    """What tools/demo.py runs (spawned worker, status file, plain progress lines) on the tiny
+    segmentation config for 2 iterations."""
+    work = tmp_path / 'demo'
+    stream = io.StringIO()
+    results = run_demos({'seg': tiny_seg_config}, str(work), jobs=1, threads=1, stream=stream)
+    out = stream.getvalue().splitlines()
+    assert out[0].startswith('training seg one after the other (1 thread(s) each)')
+    assert out[-1].startswith('seg: done (mIoU')
+    # polled once a second: which statuses are seen depends on the pace, their order does not
+    phases = [line.split()[1] for line in out[1:]]
+    order = ['start', 'train', 'test', 'draw', 'done']
+    assert all(p in order for p in phases)
+    assert [order.index(p) for p in phases] == sorted(order.index(p) for p in phases)
+    assert Path(results['seg']['photo']) == work / 'seg' / 'photo' / 'coffee.png'
+    assert (work / 'seg' / 'console.log').read_text().count('Iter(train)') == 2
+    assert read_status(str(work / 'seg' / 'progress.json'))['phase'] == 'done'

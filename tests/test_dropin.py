@@ -2,9 +2,9 @@
 
 Each config of configs/dropin/ inherits a stock OpenMMLab config and changes only the backbone, the
 widths that read it and (for some) the optimiser. Here each one, shrunk for a CPU test (a narrow
-custom arch, 32-channel necks / heads, one transformer layer, few queries, the built-in 64-pixel
-data and its classes), trains 2 iterations through tools/train.py, must change its weights with
-finite losses, and then predicts on an image through mmdet's / mmseg's inference API.
+custom arch, 32-channel heads, one transformer layer with a narrow FFN, few queries, the built-in
+64-pixel data and its classes), trains 2 iterations through tools/train.py, must change its
+weights with finite losses, and then predicts on an image through mmdet's / mmseg's inference API.
 """
 from __future__ import annotations
 
@@ -222,9 +222,8 @@ def _train(config: str, cfg: Config, work_dir: Path) -> tuple[dict, dict, str, s
 def _unreturned_norms(cfg: Config) -> set[str]:
     """Parameters of OverLoCK's output norms of maps that ``out_indices`` leaves out.
 
-    The backbone keeps all output norms (the authors' checkpoints hold them) and normalises every
-    map, so those of maps it does not return get no gradient (DINO's out_indices=(1, 2, 3):
-    ``extra_norm.0``). ``extra_norm.1`` is always used: its output feeds stage 3.
+    The backbone keeps them (the authors' checkpoints hold them) frozen and unused (DINO's
+    out_indices=(1, 2, 3): ``extra_norm.0``). ``extra_norm.1`` always runs: it feeds stage 3.
     """
     backbone = cfg.model.backbone
     if backbone.type != 'OverLoCK':
@@ -313,6 +312,23 @@ def test_dropin_config_builds_and_runs_at_full_width(name: str) -> None:
             meta = dict(img_shape=(TINY_SIZE, TINY_SIZE), pad_shape=(TINY_SIZE, TINY_SIZE))
             logits = model.decode_head.predict(feats, [meta], model.test_cfg)
             assert logits.shape == (1, 150, TINY_SIZE, TINY_SIZE)
+
+
+@pytest.mark.parametrize('out_indices', [(1, 2, 3), (2, 3), (3,), (0, 1, 2, 3)])
+@pytest.mark.parametrize('overview_fusion', [True, False])
+def test_every_trainable_backbone_parameter_gets_a_gradient(out_indices: tuple,
+                                                            overview_fusion: bool) -> None:
+    """What DDP needs (find_unused_parameters=False, mmengine's default) when the last map is
+    returned (without it the last stage runs for nothing, as in mmdet's ResNet): the output norms
+    of maps not returned are frozen, every other parameter is used."""
+    from mmoverlock.models.backbones.overlock import OverLoCK
+    torch.manual_seed(0)
+    model = OverLoCK(TINY_ARCH, out_indices=out_indices, overview_fusion=overview_fusion)
+    sum(o.mean() for o in model(torch.randn(1, 3, TINY_SIZE, TINY_SIZE))).backward()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f'extra_norm.{i}.{p}' for i in (0, 2) if i not in out_indices
+                      for p in ('weight', 'bias')}
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 # ------------------------------------------------------------------------------------------------

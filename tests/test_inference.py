@@ -8,12 +8,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from helpers import ALL_CONFIGS, DET_DEMO, REPO, SEG_DEMO, TINY_SIZE, load_tool, write_tiny_config
 from mmengine.config import Config
 from mmengine.dataset import Compose
 from mmengine.registry import init_default_scope
 
-from mmoverlock.apis import DEMO_PHOTO, build_inferencer, expand_images, infer_images
+from mmoverlock.apis import (
+    DEMO_PHOTO,
+    UsageError,
+    build_inferencer,
+    check_device,
+    expand_images,
+    infer_images,
+)
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
@@ -223,7 +231,6 @@ def test_expand_images_refuses_duplicate_names(tmp_path: Path) -> None:
     for sub in ('x', 'y'):
         (tmp_path / sub).mkdir()
         cv2.imwrite(str(tmp_path / sub / 'same.png'), np.zeros((8, 8, 3), np.uint8))
-    from mmoverlock.apis import UsageError
     with pytest.raises(UsageError, match='same name'):
         expand_images([str(tmp_path / 'x' / 'same.png'), str(tmp_path / 'y')])
     with pytest.raises(UsageError, match='holds no image'):
@@ -232,7 +239,18 @@ def test_expand_images_refuses_duplicate_names(tmp_path: Path) -> None:
 
 
 def test_infer_images_score_thr_only_for_detection(seg_run: tuple, tmp_path: Path) -> None:
-    from mmoverlock.apis import UsageError
     inferencer = build_inferencer(*seg_run, device='cpu')
     with pytest.raises(UsageError, match='detection configs only'):
         infer_images(inferencer, [DEMO_PHOTO], str(tmp_path), score_thr=0.5)
+
+
+def test_check_device() -> None:
+    assert check_device('cpu') == 'cpu'
+    assert check_device(None) == ('cuda' if torch.cuda.is_available() else 'cpu')
+    with pytest.raises(UsageError, match='not a device name'):
+        check_device('gpu0')
+    with pytest.raises(UsageError, match='only cpu and cuda'):
+        check_device('meta')
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match='no CUDA GPU'):
+            check_device('cuda')

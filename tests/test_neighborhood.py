@@ -9,6 +9,7 @@ import torch
 
 from mmoverlock.ops import (
     available_backends,
+    cpu_routes,
     na2d_av_reference,
     neighborhood_aggregate,
     relative_position_bias,
@@ -54,6 +55,8 @@ def test_matches_brute_force_loop(h: int, w: int, k: int, route: str) -> None:
 
 
 def test_torch_backend_picks_the_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the fixed routes (without measuring; the measured ones: tests/test_cpu_routes.py)
+    monkeypatch.setattr(cpu_routes, 'get_mode', lambda: 'fixed')
     attn, value = inputs(1, 2, 9, 9, 2, 3)
     attn.requires_grad_(True)
     # on the CPU with MKL: the sparse product

@@ -321,3 +321,19 @@ def test_missing_test_checkpoint_and_data_together(tmp_path: Path,
     err = _cli_error('test', [SEG_T, str(tmp_path / 'trained.pth'), '--cfg-options',
                               *cfg_options], capsys)
     assert 'trained.pth' in err and f'{tmp_path}/ade' in err and 'sceneparsing' in err
+
+
+def test_panoptic_fpn_heads_count_the_thing_classes(tmp_path: Path) -> None:
+    """Stock Panoptic FPN: its box and mask heads predict the 80 thing classes of COCO panoptic's
+    133 (the semantic head all of them)."""
+    path = tmp_path / 'panoptic_fpn_overlock_xt.py'
+    path.write_text(
+        "_base_ = 'mmdet::panoptic_fpn/panoptic-fpn_r50_fpn_1x_coco.py'\n"
+        "custom_imports = dict(imports=['mmoverlock'], allow_failed_imports=False)\n"
+        "model = dict(backbone=dict(_delete_=True, type='OverLoCK', arch='xt'),\n"
+        "             neck=dict(in_channels=[56, 112, 340, 420]))\n")
+    cfg = load_config(str(path))
+    check_model_config(cfg)
+    cfg.model.roi_head.mask_head.num_classes = 133
+    with pytest.raises(ConfigMismatchError, match=r'mask_head.num_classes = 133 but .* 80 classes'):
+        check_model_config(cfg)

@@ -260,6 +260,11 @@ def test_gpu_check_dry_run_lists_the_steps(tmp_path: Path) -> None:
     steps = re.findall(r'^step (\S+)', result.stdout, flags=re.M)
     assert steps == ['env', 'install', 'mmcv-cpu', 'imports', 'pytest']
     assert 'bench: no benchmarks/gpu.py' in result.stdout
+    # without gpu.py (which measures the kernels itself) the kernel benchmark runs alone
+    (repo / 'benchmarks' / 'triton_bandwidth.py').write_text('')
+    result = _run_gpu_check(repo, tmp_path, '--dry-run', '--mmcv', 'none')
+    steps = re.findall(r'^step (\S+)', result.stdout, flags=re.M)
+    assert steps == ['env', 'install', 'imports', 'pytest', 'bench-triton_bandwidth']
 
 
 def test_gpu_check_refuses_a_missing_bundle_and_bad_options(tmp_path: Path) -> None:
@@ -337,7 +342,9 @@ def test_gpu_check_runs_every_step_and_records_each(tmp_path: Path) -> None:
     assert ' -m cuda ' in pytest_call and f'--junitxml={out}/junit_cuda.xml' in pytest_call
     assert f'PYTHONPATH={site}:{repo}' in pytest_call
     bench = next(c for c in calls if 'benchmarks/gpu.py' in c)
-    assert f'--out {out}/gpu' in bench
+    # gpu.py ends its own cases 30 s before the step's timeout
+    assert f'--out {out}/gpu --budget ' in bench
+    assert 60 < int(re.search(r'--budget (\d+)', bench).group(1)) <= 600 - 30
 
 
 # --- CI -------------------------------------------------------------------------------------------

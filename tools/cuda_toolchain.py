@@ -227,8 +227,8 @@ def decide(cuda_forced: Optional[bool], gpu_capabilities: Sequence[Sequence[int]
                                  'torch, or unset MMOVERLOCK_CUDA')
         return BuildPlan(cuda=False, reason='CPU ops: PyTorch is a CPU-only build')
     if cuda_forced is None and not gpu_capabilities:
-        return BuildPlan(cuda=False, reason='CPU ops: no GPU visible (MMOVERLOCK_CUDA=1 forces '
-                                            'CUDA ops)')
+        return BuildPlan(cuda=False, reason='CPU ops: no GPU visible (MMOVERLOCK_CUDA=1 with '
+                                            'TORCH_CUDA_ARCH_LIST builds CUDA ops anyway)')
     if arch_override is not None and arch_override.strip():
         arch_list = ';'.join(parse_arch_list(arch_override))
         arch_from = 'TORCH_CUDA_ARCH_LIST'

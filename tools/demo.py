@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other work, spinning intra-op
 # threads made a training step up to 4x slower (measured on this project's 2-core machine).
@@ -32,17 +29,13 @@ from _cli import run_main
 from mmengine.config import DictAction
 
 from mmoverlock.apis import (
-    STATUS_FILE,
-    ProgressDisplay,
     UsageError,
     ensure_demo_data_for,
-    follow,
     load_config,
-    run_demo,
+    run_demos,
     summarize_metrics,
 )
 from mmoverlock.datasets import ensure_demo_data
-from mmoverlock.utils.cpu_allocator import keep_freed_memory
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = {
@@ -70,19 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_task(config: str, work_dir: str, options: dict, threads: int, log_file: str,
-             progress_file: str) -> dict:
-    """Train, evaluate and draw one task in a worker process whose output goes to ``log_file``."""
-    import torch
-    os.makedirs(osp.dirname(log_file), exist_ok=True)
-    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    torch.set_num_threads(threads)
-    keep_freed_memory()  # a spawned worker does not inherit the parent's malloc settings
-    return run_demo(config, work_dir, options, progress_file=progress_file)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     tasks = ['det', 'seg'] if args.task == 'both' else [args.task]
@@ -96,30 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
                         'default_hooks.checkpoint.interval': args.iters})
     for task in tasks:  # before any worker starts, so that two never write the same files
         ensure_demo_data_for(load_config(CONFIGS[task], options))
-    jobs = max(1, min(args.jobs, len(tasks)))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    logs = {t: osp.join(args.work_dir, t, 'console.log') for t in tasks}
-    status_files = {t: osp.join(args.work_dir, t, STATUS_FILE) for t in tasks}
-    for path in status_files.values():  # a previous run's status is not this run's
-        if osp.exists(path):
-            os.remove(path)
-    how = 'side by side' if jobs > 1 else 'one after the other'
-    print(f'training {" and ".join(tasks)} {how} ({threads} thread(s) each); their output goes '
-          f'to {" and ".join(logs.values())}', flush=True)
-    start, results = time.time(), {}
-    display = ProgressDisplay(tasks)
-    with ProcessPoolExecutor(jobs, mp_context=get_context('spawn')) as pool:
-        futures = {t: pool.submit(run_task, CONFIGS[t], args.work_dir, options, threads, logs[t],
-                                  status_files[t]) for t in tasks}
-        try:
-            follow(futures, status_files, display)
-        finally:
-            display.close()
-    for task, future in futures.items():
-        if future.exception() is not None:
-            print(f'{task} failed; its output is in {logs[task]}', file=sys.stderr)
-            raise future.exception()
-        results[task] = future.result()
+    start = time.time()
+    results = run_demos({t: CONFIGS[t] for t in tasks}, args.work_dir, options, jobs=args.jobs)
     print('\n== demo summary ==')
     for task, result in results.items():
         cfg = load_config(CONFIGS[task])

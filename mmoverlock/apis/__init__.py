@@ -20,7 +20,15 @@ from .convert import (
                      load_checkpoint_strict,
                      read_checkpoint,
 )
-from .demo import DEMO_PHOTO, draw_predictions, infer_photo, run_demo, summarize_metrics
+from .demo import (
+                     DEMO_PHOTO,
+                     draw_predictions,
+                     infer_photo,
+                     run_demo,
+                     run_demo_worker,
+                     run_demos,
+                     summarize_metrics,
+)
 from .errors import (
                      CheckpointMismatchError,
                      CheckpointNotFoundError,
@@ -58,7 +66,7 @@ from .progress import (
 __all__ = [
     'DEMO_PHOTO', 'STATUS_FILE', 'ProgressDisplay', 'ProgressFileHook', 'build_inferencer',
     'check_device', 'check_score_thr', 'expand_images', 'follow', 'format_status', 'infer_images',
-    'infer_photo', 'read_status', 'write_status',
+    'infer_photo', 'read_status', 'run_demo_worker', 'run_demos', 'write_status',
     'CheckpointMismatchError', 'CheckpointNotFoundError', 'ConfigMismatchError',
     'ConfigNotFoundError', 'DataNotFoundError', 'UsageError', 'build_model', 'build_runner',
     'check_checkpoint_path', 'check_data_paths', 'check_model_config', 'check_pretrained',

@@ -234,8 +234,8 @@ def _check_neck(key: str, neck: dict, source: _Source, report: _Report) -> None:
     elif len(set(source.widths)) == 1:
         expected = source.widths[0]
     else:
-        report.unsure.append(f'{key} = {value}: which of the maps {source.widths} of '
-                             f'{source.name} it reads is not known to the check')
+        report.unsure.append(f'{key}.in_channels = {value}: which of the maps {source.widths} '
+                             f'of {source.name} it reads is not known to the check')
         return
     if value != expected:
         certain = _type_name(neck.get('type', '')) in LIST_INPUT_NECKS
@@ -367,9 +367,12 @@ def _dataset_cfgs(loader: Optional[dict], key: str) -> Iterator[tuple[str, dict]
 
 
 def _dataset_classes(cfg: Config, ds: dict) -> Optional[tuple]:
+    """The classes the detection / segmentation heads predict for dataset config ``ds``: its
+    classes, or for a panoptic set (``thing_classes`` and ``stuff_classes``) its thing classes."""
     meta = ds.get('metainfo') or {}
-    if meta.get('classes'):
-        return tuple(meta['classes'])
+    for key in ('thing_classes', 'classes'):
+        if meta.get(key):
+            return tuple(meta[key])
     if library_of(cfg) == 'mmdet':
         from mmdet.registry import DATASETS
     else:
@@ -378,7 +381,8 @@ def _dataset_classes(cfg: Config, ds: dict) -> Optional[tuple]:
         cls = DATASETS.get(ds.get('type'))
     except KeyError:  # unknown scope prefix: leave it to the build
         return None
-    classes = getattr(cls, 'METAINFO', {}).get('classes') if cls is not None else None
+    meta = getattr(cls, 'METAINFO', {}) if cls is not None else {}
+    classes = meta.get('thing_classes') or meta.get('classes')
     return tuple(classes) if classes else None
 
 

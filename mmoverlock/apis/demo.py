@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import os.path as osp
+import sys
 import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import IO, TYPE_CHECKING, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -22,7 +25,7 @@ from .config import library_of, load_config, prepare_config
 from .errors import UsageError
 from .inference import build_inferencer, infer_images
 from .launch import build_runner, configure_run, unwrap
-from .progress import ProgressFileHook, write_status
+from .progress import STATUS_FILE, ProgressDisplay, ProgressFileHook, follow, write_status
 
 if TYPE_CHECKING:
     from mmengine.runner import Runner
@@ -148,6 +151,71 @@ def infer_photo(config: str, cfg_options: Optional[dict], checkpoint: str, photo
     return infer_images(inferencer, [photo], out_dir)[0]['drawn']
 
 
+def run_demo_worker(config: str, work_dir: str, cfg_options: Optional[dict], threads: int,
+                    log_file: str, progress_file: str) -> dict:
+    """:func:`run_demo` in a worker process: its output goes to ``log_file``, its progress to
+    ``progress_file``, and it runs ``threads`` intra-op threads."""
+    from ..utils.cpu_allocator import keep_freed_memory
+    os.makedirs(osp.dirname(log_file) or '.', exist_ok=True)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(threads)
+    keep_freed_memory()  # a spawned worker does not inherit the parent's malloc settings
+    return run_demo(config, work_dir, cfg_options, progress_file=progress_file)
+
+
+def run_demos(configs: Mapping[str, str], work_dir: str, cfg_options: Optional[dict] = None,
+              jobs: int = 2, threads: Optional[int] = None,
+              stream: Optional[IO[str]] = None) -> dict[str, dict]:
+    """Run :func:`run_demo` for each ``task: config`` in worker processes, showing progress.
+
+    Each task runs in ``<work_dir>/<task>``, its output going to ``console.log`` there; ``stream``
+    (default stdout) shows one progress line or bar per task
+    (:class:`~mmoverlock.apis.progress.ProgressDisplay`).
+
+    Args:
+        configs: task name (``'det'``, ``'seg'``) to config path.
+        work_dir: parent of the tasks' work dirs.
+        cfg_options: merged into every config.
+        jobs: tasks run at the same time.
+        threads: intra-op threads of each task (default: the CPU's cores shared among the jobs).
+        stream: where progress goes.
+
+    Returns:
+        The :func:`run_demo` result of each task. A task's exception is raised after every task
+        has ended, with the path of its output on stderr.
+    """
+    stream = stream if stream is not None else sys.stdout
+    tasks = list(configs)
+    jobs = max(1, min(jobs, len(tasks)))
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    logs = {t: osp.join(work_dir, t, 'console.log') for t in tasks}
+    status_files = {t: osp.join(work_dir, t, STATUS_FILE) for t in tasks}
+    for path in status_files.values():  # a previous run's status is not this run's
+        if osp.exists(path):
+            os.remove(path)
+    how = 'side by side' if jobs > 1 else 'one after the other'
+    print(f'training {" and ".join(tasks)} {how} ({threads} thread(s) each); their output goes '
+          f'to {" and ".join(logs.values())}', file=stream, flush=True)
+    display = ProgressDisplay(tasks, stream=stream)
+    with ProcessPoolExecutor(jobs, mp_context=get_context('spawn')) as pool:
+        futures = {t: pool.submit(run_demo_worker, configs[t], osp.join(work_dir, t),
+                                  cfg_options, threads, logs[t], status_files[t])
+                   for t in tasks}
+        try:
+            follow(futures, status_files, display)
+        finally:
+            display.close()
+    results = {}
+    for task, future in futures.items():
+        if future.exception() is not None:
+            print(f'{task} failed; its output is in {logs[task]}', file=sys.stderr)
+            raise future.exception()
+        results[task] = future.result()
+    return results
+
+
 def summarize_metrics(cfg: Config, metrics: dict) -> str:
     """The headline metrics of ``metrics`` as ``name value`` pairs."""
     keys = HEADLINE_METRICS[library_of(cfg)]
@@ -155,4 +223,5 @@ def summarize_metrics(cfg: Config, metrics: dict) -> str:
                      for k in keys if k in metrics)
 
 
-__all__ = ['DEMO_PHOTO', 'draw_predictions', 'infer_photo', 'run_demo', 'summarize_metrics']
+__all__ = ['DEMO_PHOTO', 'draw_predictions', 'infer_photo', 'run_demo', 'run_demo_worker',
+           'run_demos', 'summarize_metrics']

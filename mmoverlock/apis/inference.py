@@ -128,8 +128,12 @@ def build_inferencer(config: Union[str, Config], checkpoint: str, device: Option
     check_model_config(cfg)
     weights = _read_checkpoint(checkpoint)
     visualizer = cfg.get('visualizer')
-    if isinstance(visualizer, dict) and visualizer.get('name') == 'visualizer':
-        visualizer.pop('name')  # named after the inferencer instead of the global 'visualizer'
+    if isinstance(visualizer, dict):
+        if visualizer.get('name') == 'visualizer':
+            visualizer.pop('name')  # named after the inferencer, not the global 'visualizer'
+        # Drawings go to files given to the visualizer (out_file), not to logging backends,
+        # which would only warn that they have no save_dir.
+        visualizer['vis_backends'] = None
     cls = _strict_inferencer_class(library)
     inferencer = cls(model=cfg, checkpoint=weights, source=checkpoint, device=device,
                      scope=library)

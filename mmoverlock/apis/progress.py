@@ -148,7 +148,7 @@ class ProgressDisplay:
             for i, task in enumerate(self.tasks):
                 self._bars[task] = tqdm(total=None, desc=f'{task} waiting'.ljust(width),
                                         position=i, file=self.stream, leave=True,
-                                        dynamic_ncols=True)
+                                        dynamic_ncols=True, bar_format='{desc}')
             self._width = width
 
     def update(self, task: str, status: Optional[Mapping]) -> None:
@@ -175,18 +175,23 @@ class ProgressDisplay:
     def _update_bar(self, task: str, status: Mapping) -> None:
         bar = self._bars[task]
         phase, done, total = status['phase'], status.get('iter') or 0, status.get('total')
-        counting = phase in ('train', 'test')
+        counting = phase in ('train', 'test') and bool(total)
+        label = f'{task} {phase}'.ljust(self._width)
         if self._last.get(task) != (phase,):
             self._last[task] = (phase,)
+            bar.set_postfix_str('', refresh=False)
+            # a phase without iterations shows its message (and, while it runs, its time)
+            bar.bar_format = None if counting else (
+                '{desc}' if phase in ('done', 'failed') else '{desc} [{elapsed}]')
+            bar.set_description_str(label, refresh=False)
             bar.reset(total=total if counting else None)
-            bar.set_description_str(f'{task} {phase}'.ljust(self._width), refresh=False)
-            bar.n = bar.last_print_n = done  # a resumed run starts past zero
+            bar.n = bar.last_print_n = done if counting else 0  # a resumed run starts past zero
         if counting:
             bar.update(max(0, done - bar.n))
-        if phase == 'train' and status.get('loss') is not None:
-            bar.set_postfix_str(f'loss {status["loss"]:.3f}', refresh=False)
-        elif phase != 'train':
-            bar.set_postfix_str(status.get('message') or '', refresh=False)
+            if phase == 'train' and status.get('loss') is not None:
+                bar.set_postfix_str(f'loss {status["loss"]:.3f}', refresh=False)
+        elif status.get('message'):
+            bar.set_description_str(f'{label}: {status["message"]}', refresh=False)
         bar.refresh()
 
     def close(self) -> None:

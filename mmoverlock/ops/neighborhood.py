@@ -28,6 +28,14 @@ Elsewhere (CUDA tensors when neither Triton nor natten is there), by shape:
   values at a time, so its peak extra memory is a few value-sized buffers; its backward is written
   by hand because autograd through the loop would keep every gathered copy alive.
 
+On CPU tensors ``backend='torch'`` takes whichever of the applicable routes
+:mod:`mmoverlock.ops.cpu_routes` measured fastest for the shape (the forward alone, or forward +
+backward where gradients are wanted), or with measuring off the fixed choice above (sparse where
+it applies, else banded / taps by width). The choice does depend on the processor: in bfloat16 the
+banded route's matrix products are 2-4x faster than the tap loop on AVX-512 and 1.5-3x slower
+with AVX2 only, and on 8x8 maps the banded route beats the sparse one
+(``benchmarks/results/routes_neighborhood.md``).
+
 None materialises the ``(H, W, K*K, C)`` unfolded values of the obvious route, which needs
 ``K*K`` times the memory of the values (gigabytes at detection resolution).
 
@@ -56,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.amp import custom_bwd, custom_fwd
+
+from . import cpu_routes
 
 __all__ = ['window_starts', 'window_index', 'bias_index', 'relative_position_bias',
            'neighborhood_aggregate', 'na2d_av_reference', 'available_backends']
@@ -466,14 +476,63 @@ def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
     return backend
 
 
-def _torch_route(value: Tensor, kernel_size: int) -> str:
-    """The pure-PyTorch route for these operands (see the module docstring)."""
-    # MKL's CSR product takes float32 / float64 only (bf16 / fp16 maps, e.g. under autocast,
-    # take the routes below)
-    if (value.device.type == 'cpu' and value.dtype in (torch.float32, torch.float64)
-            and torch.backends.mkl.is_available()):
+def _sparse_applies(value: Tensor) -> bool:
+    # MKL's CSR product takes float32 / float64 CPU tensors only (bf16 / fp16 maps, e.g. under
+    # autocast, take the other routes)
+    return (value.device.type == 'cpu' and value.dtype in (torch.float32, torch.float64)
+            and torch.backends.mkl.is_available())
+
+
+def torch_default_route(value: Tensor, kernel_size: int) -> str:
+    """The fixed pure-PyTorch route (no measuring): ``'sparse'`` where it applies, else
+    ``'banded'`` for ``W <= BANDED_MAX_WIDTH_RATIO * K`` and ``'taps'`` for wider maps.
+
+    Args:
+        value: ``(B, G, H, W, C)`` values.
+        kernel_size: The window size ``K``.
+    """
+    if _sparse_applies(value):
         return 'sparse'
     return 'banded' if value.shape[3] <= BANDED_MAX_WIDTH_RATIO * kernel_size else 'taps'
+
+
+_TORCH_ROUTES = {'sparse': _aggregate_sparse, 'banded': _aggregate_banded,
+                 'taps': _aggregate_taps}
+
+
+def _route_trial(route: str, attn: Tensor, value: Tensor, kernel_size: int,
+                 backward: bool):
+    """One run of a route on detached copies of the operands (for measuring): the forward, and
+    with ``backward`` also the backward to the operands that want gradients."""
+    def run() -> None:
+        if not backward:
+            _TORCH_ROUTES[route](attn, value, kernel_size)
+            return
+        with torch.enable_grad():
+            a = attn.detach().requires_grad_(attn.requires_grad)
+            v = value.detach().requires_grad_(value.requires_grad)
+            out = _TORCH_ROUTES[route](a, v, kernel_size)
+            out.backward(torch.ones_like(out))
+    return run
+
+
+def _torch_route(attn: Tensor, value: Tensor, kernel_size: int) -> str:
+    """The pure-PyTorch route for these operands (see the module docstring): on the CPU the
+    applicable route measured fastest (:mod:`mmoverlock.ops.cpu_routes`), elsewhere or with
+    measuring off :func:`torch_default_route`."""
+    default = torch_default_route(value, kernel_size)
+    if value.device.type != 'cpu':
+        return default
+    backward = torch.is_grad_enabled() and (attn.requires_grad or value.requires_grad)
+    names = (['sparse'] if _sparse_applies(value) else []) + ['banded', 'taps']
+    candidates = {name: _route_trial(name, attn, value, kernel_size, backward) for name in names}
+    b, g, h, w, c = value.shape
+    autocast = (str(torch.get_autocast_dtype('cpu')).replace('torch.', '')
+                if torch.is_autocast_enabled('cpu') else None)
+    key = (cpu_routes.size_bucket(b * g), cpu_routes.size_bucket(h), cpu_routes.size_bucket(w),
+           c, kernel_size, str(value.dtype).replace('torch.', ''), autocast,
+           value.is_contiguous(), 'fwd+bwd' if backward else 'fwd')
+    return cpu_routes.choose('neighborhood_aggregate', key, candidates, default)
 
 
 def neighborhood_aggregate(attn: Tensor, value: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -500,7 +559,7 @@ def neighborhood_aggregate(attn: Tensor, value: Tensor, backend: Optional[str] =
     if backend == 'unfold':
         return _aggregate_unfold(attn, value, k)
     if backend == 'torch':
-        backend = _torch_route(value, k)
+        backend = _torch_route(attn, value, k)
     if backend == 'sparse':
         return _aggregate_sparse(attn, value, k)
     if backend == 'banded':

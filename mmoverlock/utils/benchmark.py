@@ -1,16 +1,25 @@
-"""Timing of a callable: warm-up, timed iterations, statistics (for the benchmark tools)."""
+"""Helpers of the benchmark tools: timing of a callable (warm-up, timed iterations, statistics)
+and the two implementations the benchmarks compare (ours and the authors' route)."""
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
 
-__all__ = ['Timing', 'peak_memory', 'time_callable']
+__all__ = ['IMPLEMENTATIONS', 'Timing', 'apply_route', 'peak_memory', 'restore_route', 'route',
+           'route_kwargs', 'time_callable']
+
+#: ``'ours'``: mmoverlock as shipped; ``'baseline'``: the same network run the way the authors'
+#: code runs it (see :func:`route_kwargs` and :func:`apply_route`).
+IMPLEMENTATIONS = ('ours', 'baseline')
 
 
 @dataclass
@@ -103,3 +112,77 @@ def peak_memory(device: Optional[Union[str, torch.device]] = None) -> dict[str, 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     per_mib = 2 ** 20 if sys.platform == 'darwin' else 2 ** 10  # bytes on macOS, KiB on Linux
     return dict(peak_rss_mib=rss / per_mib)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ours vs the authors' route
+# ------------------------------------------------------------------------------------------------
+def _check_impl(impl: str) -> bool:
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f'unknown implementation {impl!r}: use one of {IMPLEMENTATIONS}')
+    return impl == 'ours'
+
+
+def route_kwargs(impl: str) -> dict[str, bool]:
+    """Constructor arguments of ``OverLoCK`` / ``OverLoCKClassifier`` for an implementation.
+
+    Args:
+        impl: ``'ours'`` (channels-last maps, selective recomputation in training) or
+            ``'baseline'`` (the authors' NCHW layout and plain autograd).
+    """
+    ours = _check_impl(impl)
+    return dict(selective_cp=ours, channels_last=ours)
+
+
+def apply_route(impl: str) -> dict[str, Any]:
+    """Set the process-wide switches of an implementation; returns the previous state for
+    :func:`restore_route`.
+
+    ``'baseline'``: the aggregation unfolds the values into every window
+    (``MMOVERLOCK_NA_BACKEND=unfold``), PyTorch's own convolutions run forward and backward
+    (``depthwise_conv.CUSTOM_BACKWARD = False``, ``pointwise_conv.ONEDNN = False``).
+    ``'ours'``: the shipped defaults (automatic aggregation backend, both switches on).
+
+    Args:
+        impl: ``'ours'`` or ``'baseline'``.
+    """
+    from mmoverlock.ops import depthwise_conv, neighborhood, pointwise_conv
+    ours = _check_impl(impl)
+    previous = dict(env=os.environ.get(neighborhood.BACKEND_ENV),
+                    custom_backward=depthwise_conv.CUSTOM_BACKWARD, onednn=pointwise_conv.ONEDNN)
+    if ours:
+        os.environ.pop(neighborhood.BACKEND_ENV, None)
+    else:
+        os.environ[neighborhood.BACKEND_ENV] = 'unfold'
+    depthwise_conv.CUSTOM_BACKWARD = ours
+    pointwise_conv.ONEDNN = ours
+    return previous
+
+
+def restore_route(previous: dict[str, Any]) -> None:
+    """Undo :func:`apply_route`.
+
+    Args:
+        previous: What :func:`apply_route` returned.
+    """
+    from mmoverlock.ops import depthwise_conv, neighborhood, pointwise_conv
+    if previous['env'] is None:
+        os.environ.pop(neighborhood.BACKEND_ENV, None)
+    else:
+        os.environ[neighborhood.BACKEND_ENV] = previous['env']
+    depthwise_conv.CUSTOM_BACKWARD = previous['custom_backward']
+    pointwise_conv.ONEDNN = previous['onednn']
+
+
+@contextmanager
+def route(impl: str) -> Iterator[None]:
+    """:func:`apply_route` for the duration of a ``with`` block (building and running a model).
+
+    Args:
+        impl: ``'ours'`` or ``'baseline'``.
+    """
+    previous = apply_route(impl)
+    try:
+        yield
+    finally:
+        restore_route(previous)

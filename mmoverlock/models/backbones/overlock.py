@@ -207,6 +207,11 @@ class OverLoCK(DenseBackbone):
         if with_out_norms:
             widths = self.out_channels + ([dims[3]] if self.overview_fusion else [])
             self.extra_norm = nn.ModuleList(LayerNorm2d(w, eps=1e-6) for w in widths)
+            # The norms of maps not returned are kept (checkpoints hold them) but not used, so
+            # frozen: DDP would otherwise stop at unused parameters (e.g. out_indices=(1, 2, 3)).
+            # extra_norm[1] always runs: its output feeds stage 3.
+            for i in {0, 2, 3} - set(self.out_indices):
+                self.extra_norm[i].requires_grad_(False)
         self._freeze_stages()
 
     # ------------------------------------------------------------------------------------------
@@ -294,8 +299,9 @@ class OverLoCK(DenseBackbone):
         check_image_batch(x, 'OverLoCK')
         outs, ctx = self.forward_features(x)
         if self.with_out_norms:
-            outs = [outs[i] if i == 1 else self.extra_norm[i](o) for i, o in enumerate(outs)]
-            if self.overview_fusion:
+            outs = [outs[i] if i == 1 or i not in self.out_indices else self.extra_norm[i](o)
+                    for i, o in enumerate(outs)]
+            if self.overview_fusion and 3 in self.out_indices:
                 outs[3] = outs[3] + self.h_proj(self.extra_norm[4](ctx))
         return tuple(outs[i].contiguous() for i in self.out_indices)
 

@@ -93,6 +93,18 @@ def _entered_together(*managers: Any) -> Iterator[None]:
 
 
 def checkpoint_module(module: nn.Module, *args: Any, selective: bool = False) -> Any:
-    """Call ``module(*args)`` under full or selective activation checkpointing."""
-    context_fn: Callable = functools.partial(_contexts, module, selective)
+    """Call ``module(*args)`` under full or selective activation checkpointing.
+
+    Under ``torch.compile`` the recomputation is planned on the traced graph, where BatchNorm's
+    running-statistics updates are outputs of the forward graph (never run again), and torch
+    accepts as ``context_fn`` only the dispatch modes of selective checkpointing itself: so
+    there the checkpoint runs without :func:`frozen_bn_stats`.
+    """
+    if torch.compiler.is_compiling():
+        if not selective:
+            return cp.checkpoint(module, *args, use_reentrant=False)
+        context_fn: Callable = functools.partial(create_selective_checkpoint_contexts,
+                                                 save_dense_products)
+        return cp.checkpoint(module, *args, use_reentrant=False, context_fn=context_fn)
+    context_fn = functools.partial(_contexts, module, selective)
     return cp.checkpoint(module, *args, use_reentrant=False, context_fn=context_fn)
