@@ -24,8 +24,19 @@ as in ``train``). Ours and the baseline start from the same weights; their eval 
     python benchmarks/backbone.py                       # T: 1x3x512x512 eval, 2x3x512x512 train
     python benchmarks/backbone.py --archs xt t s b --eval-shapes 512x512 800x1216
     python benchmarks/backbone.py --plot-sizes 256 384 512 640 768
+    python benchmarks/backbone.py --isa avx2 --out benchmarks/results/backbone_t_avx2
 
-Writes ``benchmarks/results/backbone.json``, ``.md`` and (with --plot-sizes) ``.png``.
+``--isa avx2`` runs every measuring process as on an AVX2-only CPU (e.g. AMD EPYC Zen 3) by
+limiting oneDNN, PyTorch's kernels and MKL (``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2``, set before torch is imported); ``--isa avx512`` likewise to
+AVX-512 without AMX; ``--isa native`` (default) removes those variables. ``--routes measure``
+(default) lets mmoverlock time its equivalent CPU routes the first time it sees a shape,
+``--routes fixed`` takes their fixed defaults (``mmoverlock.ops.cpu_routes``).
+
+Writes ``benchmarks/results/backbone.json``, ``.md`` and (with --plot-sizes) ``.png``. Both record
+the CPU model, PyTorch's CPU capability and oneDNN's ISA limit as the measuring processes saw
+them, the thread count, the route mode, and per process the seconds its route measuring cost
+(spent in the warm-up run, outside the timed runs), next to the time of a run.
 """
 from __future__ import annotations
 
@@ -103,12 +114,24 @@ def worker(spec: dict) -> dict:
         if spec.get('save'):
             torch.save([o.contiguous() for o in outs], spec['save'])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    return dict(spec, times=times[1:], median_s=statistics.median(times[1:]), peak_rss=peak)
+    from mmoverlock.utils.benchmark import cpu_record
+    return dict(spec, times=times[1:], median_s=statistics.median(times[1:]), peak_rss=peak,
+                warmup_s=times[0], cpu=cpu_record())
+
+
+def worker_env(spec: dict) -> dict[str, str]:
+    """The environment of a worker process: its instruction set (``spec['isa']``) and CPU route
+    mode (``spec['routes']``)."""
+    from mmoverlock.ops.cpu_routes import MODE_ENV
+    from mmoverlock.utils.benchmark import isa_environment
+    env = isa_environment(spec.get('isa', 'native'))
+    env[MODE_ENV] = spec.get('routes', 'measure')
+    return env
 
 
 def run_worker(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, '--worker', json.dumps(spec)],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env=worker_env(spec))
     if proc.returncode != 0:
         raise RuntimeError(f'benchmark worker failed for {spec}:\n{proc.stderr[-3000:]}')
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -141,7 +164,8 @@ def measure_pair(arch: str, mode: str, batch: int, shape: tuple[int, int], args,
         results = {}
         for impl in ('ours', 'baseline'):
             spec = dict(impl=impl, arch=arch, mode=mode, batch=batch, shape=shape,
-                        runs=args.runs, threads=args.threads, malloc_tuning=args.malloc_tuning)
+                        runs=args.runs, threads=args.threads, malloc_tuning=args.malloc_tuning,
+                        isa=args.isa, routes=args.routes)
             if mode not in TRAIN_MODES:
                 spec['save'] = os.path.join(tmp, f'{impl}.pt')
             results[impl] = run_worker(spec)
@@ -151,9 +175,13 @@ def measure_pair(arch: str, mode: str, batch: int, shape: tuple[int, int], args,
     if peers and mode in ('eval', 'train'):
         results['swin'] = run_worker(dict(impl='swin', arch='t', mode=mode, batch=batch,
                                           shape=shape, runs=args.runs, threads=args.threads,
-                                          malloc_tuning=args.malloc_tuning))
+                                          malloc_tuning=args.malloc_tuning, isa=args.isa,
+                                          routes=args.routes))
     for impl, res in results.items():
-        row[impl] = dict(median_s=res['median_s'], times=res['times'], peak_rss=res['peak_rss'])
+        row[impl] = dict(median_s=res['median_s'], times=res['times'], peak_rss=res['peak_rss'],
+                         warmup_s=res['warmup_s'], cpu=res['cpu'],
+                         route_seconds=res['cpu']['route_seconds'],
+                         route_fraction=res['cpu']['route_seconds'] / res['median_s'])
     row['speedup'] = row['baseline']['median_s'] / row['ours']['median_s']
     row['memory_ratio'] = row['ours']['peak_rss'] / row['baseline']['peak_rss']
     if 'swin' in row:
@@ -161,14 +189,35 @@ def measure_pair(arch: str, mode: str, batch: int, shape: tuple[int, int], args,
     return row
 
 
+def cpu_meta(rows: list[dict], args) -> dict:
+    """What the result files say about the measuring processes: the CPU model, PyTorch's CPU
+    capability, oneDNN's ISA limit, MKL's setting, the thread count and the route mode as the
+    processes reported them (each distinct value, joined), and the options asked for."""
+    records = [r[impl]['cpu'] for r in rows for impl in ('ours', 'baseline', 'swin') if impl in r]
+    meta: dict[str, Any] = dict(isa=args.isa, routes=args.routes)
+    for name in ('cpu_model', 'cpu_capability', 'onednn_max_cpu_isa', 'mkl_enable_instructions',
+                 'threads', 'routes'):
+        values = sorted({str(rec[name]) for rec in records})
+        key = f'process_{name}' if name in ('threads', 'routes') else name
+        meta[key] = ', '.join(values) or '-'
+    return meta
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
+    cpu = (f"CPU: {meta.get('cpu_model', '?')}; PyTorch CPU capability "
+           f"{meta.get('cpu_capability', '?')}; oneDNN ISA limit "
+           f"{meta.get('onednn_max_cpu_isa', '?')}; MKL instructions "
+           f"{meta.get('mkl_enable_instructions', '?')} (`--isa {meta.get('isa', 'native')}`); "
+           f"CPU routes: {meta.get('routes', 'measure')}. Route measuring: seconds each process "
+           'spent timing its CPU routes (in the warm-up run), and as a fraction of one timed run.')
     lines = [f"Measured {meta['date']} on {meta['machine']} ({meta['threads']} threads), "
              f"median of {meta['runs']} runs after one warm-up, peak RSS of a fresh process, "
-             f"malloc tuning: {meta['malloc_tuning']}.",
+             f"malloc tuning: {meta['malloc_tuning']}.", cpu,
              f"Command: `{meta['command']}`", '',
              '| arch | mode | input | ours | baseline (unfold) | speed-up | ours peak RSS | '
-             'baseline peak RSS | memory ratio | Swin-T | ours / Swin-T | max abs diff |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|']
+             'baseline peak RSS | memory ratio | Swin-T | ours / Swin-T | max abs diff | '
+             'ours route measuring |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         swin = r.get('swin')
         lines.append(
@@ -177,7 +226,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{r['speedup']:.1f}x | {gb(r['ours']['peak_rss'])} | "
             f"{gb(r['baseline']['peak_rss'])} | {r['memory_ratio']:.2f} | "
             + (f"{swin['median_s']:.2f} s | {r['vs_swin']:.2f}x | " if swin else '- | - | ')
-            + (f"{r['max_abs_diff']:.1e} |" if 'max_abs_diff' in r else '- |'))
+            + (f"{r['max_abs_diff']:.1e} |" if 'max_abs_diff' in r else '- |')
+            + f" {r['ours']['route_seconds']:.2f} s ({r['ours']['route_fraction']:.0%} of a run) |")
     return '\n'.join(lines) + '\n'
 
 
@@ -201,6 +251,7 @@ def plot(points: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from mmoverlock.utils.benchmark import ISAS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     parser.add_argument('--archs', nargs='+', default=['t'])
@@ -214,6 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--no-peers', action='store_true', help='skip Swin-T')
     parser.add_argument('--malloc-tuning', choices=['both', 'ours', 'none'], default='both',
                         help='processes in which glibc malloc reuses freed memory')
+    parser.add_argument('--isa', choices=list(ISAS), default='native',
+                        help='instruction set of the measuring processes: native, or avx2 / '
+                        'avx512 emulated by limiting oneDNN, PyTorch and MKL (module docstring)')
+    parser.add_argument('--routes', choices=['measure', 'fixed'], default='measure',
+                        help="mmoverlock's equivalent CPU routes: timed per shape (measure) or "
+                        'their fixed defaults (mmoverlock.ops.cpu_routes)')
     parser.add_argument('--plot-sizes', nargs='*', type=int, default=[])
     parser.add_argument('--out', default=str(RESULTS / 'backbone'))
     args = parser.parse_args(argv)
@@ -238,13 +295,15 @@ def main(argv: list[str] | None = None) -> None:
     meta = dict(date=time.strftime('%Y-%m-%d'), machine=f'{platform.machine()} '
                 f'{os.cpu_count()} cores', threads=args.threads, runs=args.runs,
                 malloc_tuning=args.malloc_tuning,
-                command='python ' + ' '.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]))
+                command='python ' + ' '.join([os.path.relpath(__file__, ROOT)]
+                                             + (sys.argv[1:] if argv is None else argv)))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     points = []
     for size in args.plot_sizes:
         points.append(measure_pair(args.archs[0], 'eval', 1, (size, size), args,
                                    peers=not args.no_peers))
+    meta.update(cpu_meta(rows + points, args))
     out.with_suffix('.json').write_text(json.dumps(dict(meta=meta, rows=rows, plot=points),
                                                    indent=1))
     out.with_suffix('.md').write_text(markdown(rows, meta))

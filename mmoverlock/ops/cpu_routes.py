@@ -49,7 +49,7 @@ MODE_ENV = 'MMOVERLOCK_CPU_ROUTES'
 CACHE_ENV = 'MMOVERLOCK_ROUTE_CACHE'
 MODES = ('measure', 'fixed')
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a measured route may itself choose a route
 _state: dict[str, Any] = {'mode': None, 'choices': {}, 'seconds': 0.0, 'measured': 0,
                           'loaded': None, 'timings': {}}
 
@@ -169,6 +169,21 @@ def _time_once(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@contextmanager
+def _isolated() -> Iterator[None]:
+    """Run trial candidates apart from the model's step: outside any active dispatch mode
+    (selective recomputation's policy, operator counters) and any saved-tensor hooks (activation
+    checkpointing), which would otherwise record, or recompute for, the trials' operations;
+    without autograd (a candidate that times a backward enables it for itself)."""
+    with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep), \
+            torch.no_grad():
+        yield
+
+
 def measure(candidates: Mapping[str, Callable[[], Any]], repeats: int = 2) -> dict[str, float]:
     """Seconds per call of each candidate: one warm-up run each, then ``repeats`` rounds in
     turn (interleaved, so that a drift of the machine's speed hits every candidate alike),
@@ -214,9 +229,10 @@ def choose(op: str, key: tuple, candidates: Mapping[str, Callable[[], Any]],
         route = disk.get(full)
         if route not in candidates:
             start = time.perf_counter()
-            # unseen by any dispatch mode around the call: selective checkpointing replays the
-            # forward's operators by invocation index, and the recomputation measures nothing
-            with torch.no_grad(), _disable_current_modes():
+            # unseen by any dispatch mode or saved-tensor hooks around the call: selective
+            # checkpointing replays the forward's operators by invocation index, and activation
+            # checkpointing would recompute its region for a trial's backward (_isolated)
+            with _isolated():
                 timings = measure(candidates)
             route = min(timings, key=timings.get)
             _state['seconds'] += time.perf_counter() - start

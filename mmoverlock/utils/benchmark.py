@@ -1,5 +1,6 @@
-"""Helpers of the benchmark tools: timing of a callable (warm-up, timed iterations, statistics)
-and the two implementations the benchmarks compare (ours and the authors' route)."""
+"""Helpers of the benchmark tools: timing of a callable (warm-up, timed iterations, statistics),
+the two implementations the benchmarks compare (ours and the authors' route), the environment that
+limits a measuring process to an instruction set and what result files record about it."""
 from __future__ import annotations
 
 import os
@@ -7,15 +8,16 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
 
-__all__ = ['IMPLEMENTATIONS', 'Timing', 'apply_route', 'peak_memory', 'restore_route', 'route',
-           'route_kwargs', 'time_callable']
+__all__ = ['IMPLEMENTATIONS', 'ISAS', 'ISA_ENV_VARS', 'Timing', 'apply_route', 'cpu_record',
+           'isa_environment', 'peak_memory', 'restore_route', 'route', 'route_kwargs',
+           'time_callable']
 
 #: ``'ours'``: mmoverlock as shipped; ``'baseline'``: the same network run the way the authors'
 #: code runs it (see :func:`route_kwargs` and :func:`apply_route`).
@@ -186,3 +188,52 @@ def route(impl: str) -> Iterator[None]:
         yield
     finally:
         restore_route(previous)
+
+
+# ------------------------------------------------------------------------------------------------
+# Instruction sets of the measuring processes and what result files record about them
+# ------------------------------------------------------------------------------------------------
+#: The variables that limit oneDNN, PyTorch's own kernels and MKL to an instruction set; read
+#: when those libraries load, so they must be in a process's environment before torch is imported.
+ISA_ENV_VARS = ('ONEDNN_MAX_CPU_ISA', 'ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS')
+#: ``--isa`` choices: ``'native'`` (everything the processor has) or an emulated lesser one, e.g.
+#: ``'avx2'`` for an AVX2-only CPU such as AMD EPYC Zen 2/3 on an AVX-512 / AMX Xeon.
+ISAS: dict[str, Optional[tuple[str, str, str]]] = {
+    'native': None, 'avx2': ('AVX2', 'avx2', 'AVX2'), 'avx512': ('AVX512_CORE', 'avx512', 'AVX512')}
+
+
+def isa_environment(isa: str, base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The environment of a measuring process limited to ``isa``.
+
+    Args:
+        isa: A key of :data:`ISAS`. ``'native'`` removes the three variables of
+            :data:`ISA_ENV_VARS` (so that the process uses all the processor has, whatever the
+            caller's environment), the others set them.
+        base: The environment to start from (default: this process's).
+
+    Returns:
+        A new dict for ``subprocess.run(..., env=...)``.
+    """
+    if isa not in ISAS:
+        raise ValueError(f'unknown instruction set {isa!r}: use one of {list(ISAS)}')
+    env = dict(os.environ if base is None else base)
+    values = ISAS[isa]
+    for i, name in enumerate(ISA_ENV_VARS):
+        if values is None:
+            env.pop(name, None)
+        else:
+            env[name] = values[i]
+    return env
+
+
+def cpu_record() -> dict[str, Any]:
+    """What a result file records about the process that measured (call it at the end of the
+    measuring): CPU model, PyTorch's CPU capability, oneDNN's ISA limit (and the MKL / aten
+    settings), the intra-op thread count, the CPU route mode (``'measure'`` or ``'fixed'``,
+    :mod:`mmoverlock.ops.cpu_routes`), the seconds spent measuring routes and the number of
+    shapes measured."""
+    from ..ops import cpu_routes
+    stats = cpu_routes.route_stats()
+    return dict(cpu_routes.describe_cpu(), threads=torch.get_num_threads(),
+                routes=cpu_routes.get_mode(), route_seconds=stats['seconds'],
+                routes_measured=stats['measured'])
