@@ -349,13 +349,18 @@ def test_aggregation_candidates_follow_the_dtype(monkeypatch) -> None:
         return default
 
     monkeypatch.setattr(cpu_routes, 'choose', force)
-    for width in (11, 26):  # W <= 5 K: banded, wider: taps
+    for width in (11, 26, 51):  # K = 5: W <= 5 K: banded by default; beyond 10 K no candidate
         attn, value = _aggregation_inputs(torch.bfloat16, width)
         out = neighborhood_aggregate(attn, value, backend='torch')
         expected = na2d_av_reference(attn.float(), value.float())
         torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
     # MKL's CSR product has no bfloat16: sparse is no candidate
-    assert asked == [(['banded', 'taps'], 'banded'), (['banded', 'taps'], 'taps')]
+    assert asked == [(['banded', 'taps'], 'banded'), (['banded', 'taps'], 'taps'),
+                     (['taps'], 'taps')]
+    asked.clear()
+    attn, value = _aggregation_inputs(torch.float32, 51)
+    neighborhood_aggregate(attn, value, backend='torch')
+    assert asked == [(['sparse', 'taps'], 'sparse')]
 
 
 def test_aggregation_measures_forward_and_training_apart() -> None:

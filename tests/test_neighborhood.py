@@ -11,6 +11,7 @@ from mmoverlock.ops import (
     available_backends,
     cpu_routes,
     na2d_av_reference,
+    neighborhood,
     neighborhood_aggregate,
     relative_position_bias,
     window_starts,
@@ -65,6 +66,7 @@ def test_torch_backend_picks_the_route(monkeypatch: pytest.MonkeyPatch) -> None:
     assert '_SparseAggregate' in type(out.grad_fn).__name__
     # elsewhere banded while W <= BANDED_MAX_WIDTH_RATIO * K, the tap loop beyond
     monkeypatch.setattr(torch.backends.mkl, 'is_available', lambda: False)
+    monkeypatch.setattr(neighborhood, '_MKL_AVAILABLE', False)  # read once at import
     k = 3
     narrow = inputs(1, 2, 9, BANDED_MAX_WIDTH_RATIO * k, 2, k)
     wide = inputs(1, 2, 9, BANDED_MAX_WIDTH_RATIO * k + 1, 2, k)

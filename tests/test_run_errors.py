@@ -147,12 +147,16 @@ def test_unknown_arch_and_class_count() -> None:
         check_model_config(cfg)
 
 
-def test_amp_needs_cuda(tmp_path: Path, coco_root: str, capsys: pytest.CaptureFixture) -> None:
+def test_fp16_amp_needs_a_gpu(tmp_path: Path, coco_root: str,
+                              capsys: pytest.CaptureFixture, monkeypatch) -> None:
     import torch
-    if torch.cuda.is_available():
-        pytest.skip('CUDA is available: --amp is valid here')
-    err = _cli_error('train', [write_tiny_config(tmp_path, 'det', coco_root), '--amp'], capsys)
-    assert 'CUDA' in err
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    err = _cli_error('train', [write_tiny_config(tmp_path, 'det', coco_root), '--amp', 'fp16'],
+                     capsys)
+    assert 'float16 AMP needs a GPU' in err and 'bf16' in err
+    err = _cli_error('train', [write_tiny_config(tmp_path, 'det', coco_root), '--amp', 'fp8'],
+                     capsys)
+    assert 'fp8' in err
     assert issubclass(ConfigMismatchError, UsageError)
 
 

@@ -125,3 +125,40 @@ def test_train_resume_and_test_tools(tmp_path: Path, ade_root: str) -> None:
 
     metrics = test.main([longer, str(work / 'iter_4.pth'), '--work-dir', str(tmp_path / 'test')])
     assert set(metrics) >= {'mIoU', 'aAcc', 'mAcc'}
+
+
+@pytest.mark.parametrize('options', [['--amp'], ['--compile', 'aot_eager']],
+                         ids=['amp-bf16', 'compile'])
+def test_train_tool_with_amp_or_compile(options: list[str], tmp_path: Path,
+                                        ade_root: str) -> None:
+    """``--amp`` (bfloat16 autocast on the CPU) and ``--compile`` train through tools/train.py:
+    the runner holds the switched wrapper / compile options, the losses are finite and the
+    backbone's weights move."""
+    from mmengine.runner import Runner
+
+    import mmoverlock.apis.launch as launch
+    config = write_tiny_config(tmp_path, 'seg', ade_root, max_iters=2)
+    runners = []
+    build = launch.build_runner
+
+    def keep(cfg):
+        runners.append(build(cfg))
+        return runners[-1]
+
+    train = load_tool('train')
+    train.build_runner = keep
+    train.main([config, '--work-dir', str(tmp_path / 'work'), *options])
+    runner: Runner = runners[0]
+    if options[0] == '--amp':
+        wrapper = runner.optim_wrapper
+        assert type(wrapper).__name__ == 'CPUAmpOptimWrapper'
+        assert wrapper.cast_dtype == torch.bfloat16
+    else:
+        model = runner.model.module if hasattr(runner.model, 'module') else runner.model
+        assert model.backbone._compiled_call_impl is not None  # nn.Module.compile, in place
+        assert [h for h in runner.cfg.custom_hooks if h['type'] == 'CompileBackboneHook'] == [
+            dict(type='CompileBackboneHook', backend='aot_eager')]
+    assert train_iterations(str(tmp_path / 'work')) == [1, 2]
+    state = torch.load(tmp_path / 'work' / 'iter_2.pth', map_location='cpu',
+                       weights_only=True)['state_dict']
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -1,6 +1,7 @@
 """Train a detector or segmentor from an mmdet / mmseg config (mmengine Runner).
 
-    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--auto-scale-lr]
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp [bf16|fp16]]
+                                 [--compile [BACKEND]] [--auto-scale-lr]
                                  [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
 
 Multi-GPU / multi-node: tools/dist_train.sh (torchrun) or tools/slurm_train.sh.
@@ -31,7 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
                         help='resume from CKPT, or (without a value) from the latest checkpoint '
                         'in the work dir')
-    parser.add_argument('--amp', action='store_true', help='mixed precision (CUDA only)')
+    parser.add_argument('--amp', nargs='?', const='auto', default=None, metavar='DTYPE',
+                        help='mixed precision: bf16 or fp16 (fp16 with loss scaling, GPU only); '
+                        'without a value bf16 where the device has it, else fp16')
+    parser.add_argument('--compile', nargs='?', const='inductor', default=None,
+                        metavar='BACKEND', help='torch.compile the training step (default '
+                        'backend inductor; aot_eager compiles nothing and starts fast)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale lr by (GPUs x batch) / auto_scale_lr.base_batch_size')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     set_local_rank(args.local_rank)
     cfg = load_config(args.config, args.cfg_options)
     configure_run(cfg, args.config, args.work_dir, args.launcher)
-    configure_training(cfg, args.resume, args.amp, args.auto_scale_lr)
+    configure_training(cfg, args.resume, args.amp, args.auto_scale_lr, args.compile)
     prepare_config(cfg, 'train', skip_checks=args.skip_checks)
     setup_distributed(cfg)
     build_runner(cfg).train()

@@ -1,7 +1,7 @@
 """``torch.compile`` and automatic mixed precision (AMP) switches for an mmengine training config.
 
-- :func:`enable_compile` sets ``cfg.compile``: mmengine 0.10.7's ``Runner.train()`` then wraps the
-  model's ``train_step`` in ``torch.compile(**cfg.compile)``. The backbones' custom autograd
+- :func:`enable_compile` adds :class:`~mmoverlock.engine.CompileBackboneHook`, which compiles
+  the backbone's forward in place when the run starts. The backbones' custom autograd
   functions and their Python-level routing cause graph breaks, not wrong results
   (``tests/test_compile.py``).
 - :func:`enable_amp` switches the optimizer wrapper to mixed precision. On GPUs (CUDA, NPU, MLU)
@@ -196,9 +196,10 @@ def enable_compile(cfg: Config, backend: str = 'inductor', mode: Optional[str] =
                    dynamic: Optional[bool] = None, device: Optional[str] = None) -> Config:
     """Train ``cfg`` with ``torch.compile`` (in place; also returned).
 
-    Sets ``cfg.compile = dict(backend=..., [mode=...], [dynamic=...])``, which mmengine's Runner
-    passes to ``torch.compile`` for the model's ``train_step`` when training starts.
-    ``torch._dynamo.config`` is left as it is.
+    Adds :class:`~mmoverlock.engine.CompileBackboneHook` with ``backend`` (and ``mode``,
+    ``dynamic``) to ``cfg.custom_hooks``: the backbone's forward is compiled in place when the
+    run starts (mmengine's own ``cfg.compile``, which compiles the whole ``train_step`` with the
+    optimizer step, fails to trace in torch 2.14). ``torch._dynamo.config`` is left as it is.
 
     Args:
         cfg: A training config.
@@ -233,5 +234,8 @@ def enable_compile(cfg: Config, backend: str = 'inductor', mode: Optional[str] =
         raise UsageError('torch.compile\'s inductor backend compiles C++ for the CPU, but no C++ '
                          'compiler was found (set CXX or install g++); or use '
                          'backend="aot_eager", which needs none.')
-    cfg.compile = options
+    hooks = [h for h in (cfg.get('custom_hooks') or [])
+             if not (isinstance(h, dict) and h.get('type') == 'CompileBackboneHook')]
+    cfg.custom_hooks = hooks + [dict(type='CompileBackboneHook', **options)]
+    _add_custom_import(cfg, 'mmoverlock.engine')
     return cfg

@@ -29,6 +29,7 @@ from mmengine.model import is_model_wrapper
 
 from ..engine import FiniteTrainingHook
 from ..utils.safe_checkpoint import check_checkpoint_file, checkpoint_problem
+from .compile_amp import enable_amp, enable_compile
 from .config import check_checkpoint_path, library_of
 from .errors import UsageError
 
@@ -62,9 +63,19 @@ def configure_run(cfg: Config, config_path: str, work_dir: Optional[str] = None,
     return cfg
 
 
-def configure_training(cfg: Config, resume: Optional[str] = None, amp: bool = False,
-                       auto_scale_lr: bool = False) -> Config:
-    """Apply ``--resume [PATH]``, ``--amp`` and ``--auto-scale-lr`` to ``cfg``.
+def default_amp_dtype(device: Optional[str] = None) -> str:
+    """``'bfloat16'`` where the training device computes in it (the CPU, recent GPUs), else
+    ``'float16'`` (trained with dynamic loss scaling)."""
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device == 'cuda' and not torch.cuda.is_bf16_supported():
+        return 'float16'
+    return 'bfloat16'
+
+
+def configure_training(cfg: Config, resume: Optional[str] = None, amp: Optional[str] = None,
+                       auto_scale_lr: bool = False, compile: Optional[str] = None) -> Config:
+    """Apply ``--resume [PATH]``, ``--amp [DTYPE]``, ``--auto-scale-lr`` and
+    ``--compile [BACKEND]`` to ``cfg``.
 
     Also adds :class:`~mmoverlock.engine.FiniteTrainingHook` (:func:`add_finite_check`).
 
@@ -72,11 +83,15 @@ def configure_training(cfg: Config, resume: Optional[str] = None, amp: bool = Fa
         cfg: the run's config (``work_dir`` set, see :func:`configure_run`).
         resume: None (no resume), ``'auto'`` (the latest intact checkpoint of the work dir, see
             :func:`find_resume_checkpoint`) or a path.
-        amp: train with mixed precision (CUDA only).
+        amp: None (float32), ``'auto'`` (bfloat16 where the device has it, else float16 with
+            loss scaling), or a dtype name for :func:`~mmoverlock.apis.compile_amp.enable_amp`
+            (``'bf16'``, ``'fp16'``; on the CPU only bf16).
         auto_scale_lr: scale the learning rate with the total batch size.
+        compile: None, or a ``torch.compile`` backend (``'inductor'``, ``'aot_eager'``, ...) for
+            :func:`~mmoverlock.apis.compile_amp.enable_compile`.
 
     Raises:
-        UsageError: an option that cannot work (no checkpoint to resume, no CUDA for --amp, ...).
+        UsageError: an option that cannot work (no checkpoint to resume, fp16 on the CPU, ...).
         CorruptCheckpointError: the ``--resume`` file is truncated or damaged.
     """
     if resume == 'auto':
@@ -90,19 +105,10 @@ def configure_training(cfg: Config, resume: Optional[str] = None, amp: bool = Fa
             check_checkpoint_file(osp.expanduser(resume))
         cfg.resume, cfg.load_from = True, resume
     add_finite_check(cfg)
-    if amp:
-        if not torch.cuda.is_available():
-            raise UsageError('--amp needs a CUDA GPU (mmengine\'s AmpOptimWrapper); none is '
-                             'available, so train without --amp.')
-        wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
-        if wrapper == 'AmpOptimWrapper':
-            print_log('AMP is already enabled in the config', logger='current')
-        elif wrapper != 'OptimWrapper':
-            raise UsageError(f'--amp works with optim_wrapper.type OptimWrapper, the config has '
-                             f'{wrapper}')
-        else:
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.loss_scale = 'dynamic'
+    if amp is not None:
+        enable_amp(cfg, default_amp_dtype() if amp == 'auto' else amp)
+    if compile is not None:
+        enable_compile(cfg, backend=compile)
     if auto_scale_lr:
         if 'base_batch_size' not in (cfg.get('auto_scale_lr') or {}):
             raise UsageError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')

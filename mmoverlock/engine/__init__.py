@@ -1,4 +1,5 @@
 """mmengine extensions of the training runs (hooks); importing registers them."""
+from .compile import CompileBackboneHook
 from .hooks import FiniteTrainingHook, NonFiniteTrainingError
 
-__all__ = ['FiniteTrainingHook', 'NonFiniteTrainingError']
+__all__ = ['CompileBackboneHook', 'FiniteTrainingHook', 'NonFiniteTrainingError']

@@ -121,9 +121,11 @@ def machine_key() -> str:
 
 
 def _fixed_only() -> bool:
-    if get_mode() == 'fixed' or torch.are_deterministic_algorithms_enabled():
-        return True
+    # compiling first: dynamo would otherwise guard on the lazily read mode (``_state``) and
+    # recompile every graph once the first call has read it
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return True
+    if get_mode() == 'fixed' or torch.are_deterministic_algorithms_enabled():
         return True
     from .depthwise_conv import running_as_defined  # a counter or tracer is looking
     return running_as_defined()

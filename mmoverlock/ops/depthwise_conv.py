@@ -282,7 +282,8 @@ def _autocast_operands(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ..
 class _DepthwiseConv2d(torch.autograd.Function):
     """CPU only. Under autocast it runs in the autocast dtype, as autocast runs convolutions:
     every operand is cast on entry, so the saved tensors, the output and the backward are in one
-    dtype (the weight gradient goes back to the weight in its own dtype)."""
+    dtype, and each gradient goes back in its input's dtype. Not used under torch.compile
+    (:func:`depthwise_conv2d`)."""
 
     @staticmethod
     @custom_fwd(device_type='cpu')
@@ -328,6 +329,10 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f'depthwise_conv2d needs an odd square (C, 1, K, K) kernel for C={c} '
                          f'channels, got {tuple(weight.shape)}')
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if not (needs_grad and CUSTOM_BACKWARD and x.device.type == 'cpu'):
+    # not under torch.compile: the compiler derives the backward itself, and within
+    # checkpointed regions it hides the autocast state from the function (whose backward then
+    # mixes dtypes)
+    if (not (needs_grad and CUSTOM_BACKWARD and x.device.type == 'cpu')
+            or torch.compiler.is_compiling()):
         return same_conv(x, weight, bias, dilation)
     return _DepthwiseConv2d.apply(x, weight, bias, dilation)

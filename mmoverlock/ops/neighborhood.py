@@ -31,10 +31,10 @@ Elsewhere (CUDA tensors when neither Triton nor natten is there), by shape:
 On CPU tensors ``backend='torch'`` takes whichever of the applicable routes
 :mod:`mmoverlock.ops.cpu_routes` measured fastest for the shape (the forward alone, or forward +
 backward where gradients are wanted), or with measuring off the fixed choice above (sparse where
-it applies, else banded / taps by width). The choice does depend on the processor: in bfloat16 the
-banded route's matrix products are 2-4x faster than the tap loop on AVX-512 and 1.5-3x slower
-with AVX2 only, and on 8x8 maps the banded route beats the sparse one
-(``benchmarks/results/routes_neighborhood.md``).
+it applies, else banded / taps by width). The choice depends on the processor: in bfloat16, on
+2x8x32x32x16 values with K = 5, the banded route is 1.7x / 3.9x (forward / forward + backward)
+faster than the tap loop on AVX-512 and 2.8x / 1.45x slower with AVX2 only; and on 8x8 maps the
+banded route beats the sparse one (``benchmarks/results/routes_neighborhood.md``).
 
 None materialises the ``(H, W, K*K, C)`` unfolded values of the obvious route, which needs
 ``K*K`` times the memory of the values (gigabytes at detection resolution).
@@ -76,6 +76,11 @@ BACKENDS = ('auto', 'torch', 'sparse', 'banded', 'taps', 'natten', 'triton', 'un
 #: ``W <= BANDED_MAX_WIDTH_RATIO * K`` (measured on CPU: 3-8x faster than the tap loop at
 #: W / K ~ 1-2.5, slower beyond ~5).
 BANDED_MAX_WIDTH_RATIO = 5
+#: On the CPU the banded route is a measured candidate up to ``W <= BANDED_MEASURE_MAX_WIDTH_RATIO
+#: * K`` only: its banded weights take ``K * W`` values per pixel (memory growing with ``W^2``) and
+#: it was 1.4-34x slower than the fastest route on every wider map measured
+#: (``benchmarks/results/routes_neighborhood.md``).
+BANDED_MEASURE_MAX_WIDTH_RATIO = 10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +318,53 @@ def _consume_csr_beta_warning() -> None:
                                 check_invariants=False)
 
 
+def _sparse_forward(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+    """``A @ V`` of :class:`_SparseAggregate` (float32 / float64 operands of one dtype)."""
+    b, g, h, w, c = value.shape
+    pixels, taps = h * w, kernel_size ** 2
+    _, col, *_ = _sparse_pattern_cpu(h, w, kernel_size)
+    weights = attn.reshape(b * g, -1)  # rows of (pixel, tap), tap fastest
+    values = value.reshape(b * g * pixels, c)
+    # all (image, group) pairs as one block-diagonal matrix: one product instead of B*G
+    # (a few hundred fewer operator calls per block, which selective recomputation
+    # intercepts one by one); its column indices are the pattern's, offset per block
+    # 64-bit indices only where the entries of the whole batch overflow int32
+    index_dtype = col.dtype if b * g * pixels * taps < 2**31 else torch.int64
+    col = col.to(index_dtype)
+    offsets = torch.arange(0, b * g * pixels, pixels, dtype=index_dtype).view(-1, 1)
+    crow = torch.arange(0, b * g * pixels * taps + 1, taps, dtype=index_dtype)
+    matrix = _csr(crow, (col.view(1, -1) + offsets).view(-1), weights.view(-1), b * g * pixels)
+    return torch.sparse.mm(matrix, values).view(b, g, h, w, c)
+
+
+def _sparse_backward(attn: Tensor, value: Tensor, grad_out: Tensor, kernel_size: int,
+                     need_attn: bool, need_value: bool) -> tuple[Optional[Tensor],
+                                                                 Optional[Tensor]]:
+    """``(dA, dV)`` of :class:`_SparseAggregate` for ``grad_out`` (each None if not needed)."""
+    b, g, h, w, c = grad_out.shape
+    pixels = h * w
+    crow, col, t_crow, t_col, t_perm = _sparse_pattern_cpu(h, w, kernel_size)
+    weights = attn.reshape(b * g, -1)
+    values = value.reshape(b * g, pixels, c)
+    grad = grad_out.reshape(b * g, pixels, c)
+    grad_attn = grad_value = None
+    if need_attn:
+        sampled = [torch.sparse.sampled_addmm(_csr(crow, col, weights[i], pixels), grad[i],
+                                              values[i].t(), beta=0.0).values()
+                   for i in range(b * g)]
+        grad_attn = torch.stack(sampled).view(b, g, h, w, -1)
+    if need_value:
+        transposed = weights.index_select(1, t_perm)
+        products = torch.stack([
+            torch.sparse.mm(_csr(t_crow, t_col, transposed[i], pixels), grad[i])
+            for i in range(b * g)]).view(b, g, h, w, c)
+        # in the values' own memory order (e.g. channels-last rows of channels when they are
+        # a view of a channels-last map), so the gradient flows back through the caller's
+        # reshapes as a view instead of a planar copy in a mixed layout
+        grad_value = _empty_in_order_of(value.stride(), products).copy_(products)
+    return grad_attn, grad_value
+
+
 class _SparseAggregate(torch.autograd.Function):
     """The aggregation as a sparse-times-dense matrix product, per (image, group) a CSR matrix with
     ``K*K`` entries per row whose values are the weights (see ``_sparse_pattern_cpu``).
@@ -325,52 +377,61 @@ class _SparseAggregate(torch.autograd.Function):
     @staticmethod
     @custom_fwd(device_type='cpu', cast_inputs=torch.float32)  # MKL: float32 / float64 only
     def forward(ctx, attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
-        b, g, h, w, c = value.shape
-        pixels, taps = h * w, kernel_size ** 2
-        _, col, *_ = _sparse_pattern_cpu(h, w, kernel_size)
-        weights = attn.reshape(b * g, -1)  # rows of (pixel, tap), tap fastest
-        values = value.reshape(b * g * pixels, c)
-        # all (image, group) pairs as one block-diagonal matrix: one product instead of B*G
-        # (a few hundred fewer operator calls per block, which selective recomputation
-        # intercepts one by one); its column indices are the pattern's, offset per block
-        # 64-bit indices only where the entries of the whole batch overflow int32
-        index_dtype = col.dtype if b * g * pixels * taps < 2**31 else torch.int64
-        col = col.to(index_dtype)
-        offsets = torch.arange(0, b * g * pixels, pixels, dtype=index_dtype).view(-1, 1)
-        crow = torch.arange(0, b * g * pixels * taps + 1, taps, dtype=index_dtype)
-        matrix = _csr(crow, (col.view(1, -1) + offsets).view(-1), weights.view(-1),
-                      b * g * pixels)
-        out = torch.sparse.mm(matrix, values)
-        ctx.save_for_backward(weights, values.view(b * g, pixels, c))
-        ctx.value_strides = value.stride()
+        ctx.save_for_backward(attn, value)
         ctx.kernel_size = kernel_size
-        return out.view(b, g, h, w, c)
+        return _sparse_forward(attn, value, kernel_size)
 
     @staticmethod
     @custom_bwd(device_type='cpu')
     def backward(ctx, grad_out: Tensor):
-        weights, values = ctx.saved_tensors
-        b, g, h, w, c = grad_out.shape
-        pixels = h * w
-        crow, col, t_crow, t_col, t_perm = _sparse_pattern_cpu(h, w, ctx.kernel_size)
-        grad = grad_out.reshape(b * g, pixels, c)
-        need_attn, need_value = ctx.needs_input_grad[:2]
-        grad_attn = grad_value = None
-        if need_attn:
-            sampled = [torch.sparse.sampled_addmm(_csr(crow, col, weights[i], pixels), grad[i],
-                                                  values[i].t(), beta=0.0).values()
-                       for i in range(b * g)]
-            grad_attn = torch.stack(sampled).view(b, g, h, w, -1)
-        if need_value:
-            transposed = weights.index_select(1, t_perm)
-            products = torch.stack([
-                torch.sparse.mm(_csr(t_crow, t_col, transposed[i], pixels), grad[i])
-                for i in range(b * g)]).view(b, g, h, w, c)
-            # in the values' own memory order (e.g. channels-last rows of channels when they are
-            # a view of a channels-last map), so the gradient flows back through the caller's
-            # reshapes as a view instead of a planar copy in a mixed layout
-            grad_value = _empty_in_order_of(ctx.value_strides, products).copy_(products)
+        attn, value = ctx.saved_tensors
+        grad_attn, grad_value = _sparse_backward(attn, value, grad_out, ctx.kernel_size,
+                                                 *ctx.needs_input_grad[:2])
         return grad_attn, grad_value, None
+
+
+# Under torch.compile the sparse route is one opaque operator: dynamo cannot trace sparse tensors,
+# and a graph break in every ContMix block (whose resume functions are then recompiled block by
+# block) made compiling OverLoCK several times slower. Same kernels, same autocast policy.
+@torch.library.custom_op('mmoverlock::sparse_aggregate', mutates_args=(), device_types='cpu')
+def _sparse_aggregate_op(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+    return _sparse_forward(attn, value, kernel_size)
+
+
+@_sparse_aggregate_op.register_fake
+def _(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+    return value.new_empty(value.shape)
+
+
+@torch.library.custom_op('mmoverlock::sparse_aggregate_backward', mutates_args=(),
+                         device_types='cpu')
+def _sparse_aggregate_backward_op(attn: Tensor, value: Tensor, grad_out: Tensor,
+                                  kernel_size: int) -> tuple[Tensor, Tensor]:
+    grad_attn, grad_value = _sparse_backward(attn, value, grad_out, kernel_size, True, True)
+    return grad_attn, grad_value
+
+
+@_sparse_aggregate_backward_op.register_fake
+def _(attn: Tensor, value: Tensor, grad_out: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
+    return attn.new_empty(attn.shape), _empty_in_order_of(value.stride(), value)
+
+
+def _sparse_aggregate_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    attn, value, kernel_size = inputs
+    ctx.save_for_backward(attn, value)
+    ctx.kernel_size = kernel_size
+
+
+def _sparse_aggregate_grad(ctx, grad_out: Tensor) -> tuple:
+    attn, value = ctx.saved_tensors
+    grad_attn, grad_value = _sparse_aggregate_backward_op(attn, value, grad_out,
+                                                          ctx.kernel_size)
+    return grad_attn, grad_value, None
+
+
+_sparse_aggregate_op.register_autograd(_sparse_aggregate_grad,
+                                       setup_context=_sparse_aggregate_setup)
+torch.library.register_autocast('mmoverlock::sparse_aggregate', 'cpu', torch.float32)
 
 
 def _empty_in_order_of(strides: tuple[int, ...], like: Tensor) -> Tensor:
@@ -382,6 +443,8 @@ def _empty_in_order_of(strides: tuple[int, ...], like: Tensor) -> Tensor:
 
 
 def _aggregate_sparse(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.mmoverlock.sparse_aggregate(attn, value, kernel_size)
     return _SparseAggregate.apply(attn, value, kernel_size)
 
 
@@ -480,7 +543,11 @@ def _sparse_applies(value: Tensor) -> bool:
     # MKL's CSR product takes float32 / float64 CPU tensors only (bf16 / fp16 maps, e.g. under
     # autocast, take the other routes)
     return (value.device.type == 'cpu' and value.dtype in (torch.float32, torch.float64)
-            and torch.backends.mkl.is_available())
+            and _MKL_AVAILABLE)
+
+
+#: Read once: dynamo breaks the graph at every ``torch.backends.mkl.is_available()`` call.
+_MKL_AVAILABLE = torch.backends.mkl.is_available()
 
 
 def torch_default_route(value: Tensor, kernel_size: int) -> str:
@@ -524,7 +591,9 @@ def _torch_route(attn: Tensor, value: Tensor, kernel_size: int) -> str:
     if value.device.type != 'cpu':
         return default
     backward = torch.is_grad_enabled() and (attn.requires_grad or value.requires_grad)
-    names = (['sparse'] if _sparse_applies(value) else []) + ['banded', 'taps']
+    banded = default == 'banded' or value.shape[3] <= BANDED_MEASURE_MAX_WIDTH_RATIO * kernel_size
+    names = ((['sparse'] if _sparse_applies(value) else []) + (['banded'] if banded else [])
+             + ['taps'])
     candidates = {name: _route_trial(name, attn, value, kernel_size, backward) for name in names}
     b, g, h, w, c = value.shape
     autocast = (str(torch.get_autocast_dtype('cpu')).replace('torch.', '')

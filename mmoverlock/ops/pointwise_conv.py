@@ -22,9 +22,10 @@ time a shape is seen, or takes the fixed defaults ``FORWARD_DEFAULT_ROUTE`` /
 figures are in ``benchmarks/results/routes_pointwise.md``.
 
 Other devices and dtypes, autocast, JIT tracing (so that FLOP counters see an ordinary
-convolution) and ``torch.compile`` (which cannot trace the oneDNN operator) keep ``F.conv2d``: under autocast that is autocast's own lower-precision convolution.
-The autograd function itself, called under CPU autocast, runs in float32 (its operands cast on
-entry), the dtype its oneDNN route is written for.
+convolution) and ``torch.compile`` (which cannot trace the oneDNN operator) keep ``F.conv2d``:
+under autocast that is autocast's own lower-precision convolution. The autograd function itself,
+called under CPU autocast, runs in float32 (its operands cast on entry), the dtype its oneDNN
+route is written for.
 """
 from __future__ import annotations
 
