@@ -134,3 +134,18 @@ def train_iterations(work_dir: str) -> list[int]:
             if 'loss' in record:
                 iters.append(record['iter'])
     return iters
+
+
+def cli_error(tool: str, argv: list[str], capsys) -> str:
+    """Run ``tools/<tool>.py`` in-process; it must exit with status 2 and print exactly one
+    ``error:`` line and no traceback. Returns that line."""
+    import pytest
+    module = load_tool(tool)
+    from _cli import run_main
+    with pytest.raises(SystemExit) as exc:
+        run_main(lambda: module.main(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    return lines[0]

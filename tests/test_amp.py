@@ -1,5 +1,5 @@
 """Mixed precision (issue 14, point 3): the custom autograd functions and both backbones under
-``torch.autocast('cpu', dtype=torch.bfloat16)``.
+``torch.autocast('cpu', dtype=torch.bfloat16)``, and the AMP switch of a training config.
 
 Each function of :mod:`mmoverlock.ops` declares what it does under autocast: GRN, the fused
 conv + BatchNorm sum, the oneDNN 1x1 convolution and the two hand-written aggregations compute in
@@ -17,11 +17,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from backbone_testing import assert_close_to_scale, random_loss, randomize_bn
+from mmengine.config import Config
+from mmengine.optim import AmpOptimWrapper, build_optim_wrapper
 from test_glnet import TINY_G
 from test_overlock import TINY
 from torch import Tensor
 
 import mmoverlock  # noqa: F401  (registration)
+from mmoverlock.apis.compile_amp import CPUAmpOptimWrapper, enable_amp
+from mmoverlock.apis.errors import UsageError
 from mmoverlock.models.backbones.glnet import GLNet
 from mmoverlock.models.backbones.overlock import OverLoCK
 from mmoverlock.models.layers import DilatedReparamBlock
@@ -299,3 +303,77 @@ def test_backbone_inference_under_bf16_autocast(name: str) -> None:
     for out, ref in zip(outs, expected):
         assert not torch.equal(out.float(), ref)
         assert_close_to_scale(out.float(), ref, rel=OUTPUT_REL)
+
+
+# ------------------------------------------------------------------------------------------------
+# The AMP switch of a training config (mmoverlock.apis.compile_amp.enable_amp)
+# ------------------------------------------------------------------------------------------------
+def _train_config(**wrapper) -> Config:
+    optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.1, weight_decay=0.01),
+                         paramwise_cfg=dict(norm_decay_mult=0.0), clip_grad=dict(max_norm=1.0))
+    optim_wrapper.update(wrapper)
+    return Config(dict(optim_wrapper=optim_wrapper, default_scope='mmdet',
+                       custom_imports=dict(imports=['mmoverlock'], allow_failed_imports=False)))
+
+
+@pytest.mark.parametrize('dtype', ['bf16', 'bfloat16', BF16])
+def test_enable_amp_on_the_cpu_builds_a_bfloat16_autocast_wrapper(dtype) -> None:
+    cfg = enable_amp(_train_config(loss_scale='dynamic'), dtype, device='cpu')
+    assert cfg.optim_wrapper == dict(
+        type='CPUAmpOptimWrapper', optimizer=dict(type='SGD', lr=0.1, weight_decay=0.01),
+        paramwise_cfg=dict(norm_decay_mult=0.0), clip_grad=dict(max_norm=1.0), dtype='bfloat16')
+    assert cfg.custom_imports.imports == ['mmoverlock', 'mmoverlock.apis.compile_amp']
+    assert enable_amp(copy.deepcopy(cfg), 'bf16', device='cpu').to_dict() == cfg.to_dict()
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    before = conv.weight.detach().clone()
+    wrapper = build_optim_wrapper(conv, cfg.optim_wrapper)
+    assert type(wrapper) is CPUAmpOptimWrapper and isinstance(wrapper, AmpOptimWrapper)
+    assert not wrapper.loss_scaler.is_enabled()
+    with wrapper.optim_context(conv):
+        assert torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == BF16
+        out = conv(_seed_input(2, 3, 6, 6))
+    assert out.dtype == BF16 and not torch.is_autocast_enabled('cpu')
+    wrapper.update_params(out.float().square().mean())
+    assert not torch.equal(conv.weight.detach(), before)  # the step ran
+    assert wrapper.state_dict()['loss_scaler'] == {}
+
+
+def test_enable_amp_on_gpus_takes_mmengines_wrapper() -> None:
+    fp16 = enable_amp(_train_config(), 'fp16', device='cuda').optim_wrapper
+    assert (fp16.type, fp16.dtype, fp16.loss_scale) == ('AmpOptimWrapper', 'float16', 'dynamic')
+    kept = enable_amp(_train_config(loss_scale=512.0), 'float16', device='cuda').optim_wrapper
+    assert kept.loss_scale == 512.0  # an explicit loss scale is the user's choice
+    bf16 = enable_amp(_train_config(), 'bf16', device='cuda')
+    assert (bf16.optim_wrapper.type, bf16.optim_wrapper.dtype) == ('AmpOptimWrapper', 'bfloat16')
+    assert bf16.optim_wrapper.loss_scale == dict(enabled=False)  # no scaling for bfloat16
+    assert bf16.custom_imports.imports == ['mmoverlock']
+    # switching bfloat16 -> float16 turns loss scaling back on
+    assert enable_amp(bf16, 'fp16', device='cuda').optim_wrapper.loss_scale == 'dynamic'
+    # an AMP wrapper of the CPU becomes the GPU's
+    cpu = enable_amp(_train_config(), 'bf16', device='cpu')
+    assert enable_amp(cpu, 'fp16', device='cuda').optim_wrapper.type == 'AmpOptimWrapper'
+
+
+def test_enable_amp_refuses_what_cannot_work() -> None:
+    with pytest.raises(UsageError, match='float16 AMP needs a GPU.*bf16'):
+        enable_amp(_train_config(), 'fp16', device='cpu')
+    with pytest.raises(UsageError, match="unknown AMP dtype 'fp8'.*bf16.*fp16"):
+        enable_amp(_train_config(), 'fp8', device='cpu')
+    with pytest.raises(UsageError, match="'mps' is not supported"):
+        enable_amp(_train_config(), 'bf16', device='mps')
+    with pytest.raises(UsageError, match='no optim_wrapper'):
+        enable_amp(Config(dict(model=dict(type='X'))), 'bf16', device='cpu')
+    with pytest.raises(UsageError, match='ApexOptimWrapper, which AMP would drop'):
+        enable_amp(_train_config(type='ApexOptimWrapper'), 'bf16', device='cpu')
+    several = Config(dict(optim_wrapper=dict(
+        constructor='MultiOptimWrapperConstructor',
+        generator=dict(optimizer=dict(type='SGD', lr=0.1)),
+        discriminator=dict(optimizer=dict(type='SGD', lr=0.1)))))
+    with pytest.raises(UsageError, match='single optim_wrapper'):
+        enable_amp(several, 'bf16', device='cpu')
+    with pytest.raises(ValueError, match='bfloat16 only'):
+        CPUAmpOptimWrapper(dtype='float16', optimizer=torch.optim.SGD([torch.zeros(1)], lr=0.1))
+    with pytest.raises(ValueError, match='no loss_scale'):
+        CPUAmpOptimWrapper(loss_scale='dynamic',
+                           optimizer=torch.optim.SGD([torch.zeros(1)], lr=0.1))

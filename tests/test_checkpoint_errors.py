@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import find_log, load_tool, write_tiny_config
+from helpers import cli_error, find_log, load_tool, write_tiny_config
 
 from mmoverlock.apis import UsageError
 from mmoverlock.apis import launch as launch_module
@@ -21,17 +21,6 @@ from mmoverlock.utils.safe_checkpoint import (
 pytestmark = pytest.mark.usefixtures('single_thread')
 
 
-def _cli_error(tool: str, argv: list[str], capsys: pytest.CaptureFixture) -> str:
-    """Run ``tools/<tool>.py`` in-process; it must exit with status 2 and one error line."""
-    module = load_tool(tool)
-    from _cli import run_main
-    with pytest.raises(SystemExit) as exc:
-        run_main(lambda: module.main(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith('error: ')]
-    assert len(lines) == 1 and 'Traceback' not in err, err
-    return lines[0]
 
 
 def _save(path: Path, iteration: int = 1) -> Path:
@@ -75,10 +64,10 @@ def test_corrupt_checkpoint_of_test_and_resume(tmp_path: Path, coco_root: str,
                                                capsys: pytest.CaptureFixture) -> None:
     config = write_tiny_config(tmp_path, 'det', coco_root)
     cut = _truncate(_save(tmp_path / 'iter_8.pth'))
-    err = _cli_error('test', [config, str(cut), '--work-dir', str(tmp_path / 't')], capsys)
+    err = cli_error('test', [config, str(cut), '--work-dir', str(tmp_path / 't')], capsys)
     assert err.startswith(f"error: checkpoint '{cut}' is unreadable: the zip archive has no end")
     assert 'PytorchStreamReader' not in err and 'download it again' in err
-    err = _cli_error('train', [config, '--resume', str(cut), '--work-dir', str(tmp_path / 'w')],
+    err = cli_error('train', [config, '--resume', str(cut), '--work-dir', str(tmp_path / 'w')],
                      capsys)
     assert f"'{cut}' is unreadable" in err and '--resume FILE' in err
 
@@ -99,12 +88,12 @@ def test_code_running_checkpoint_is_one_error_line(tmp_path: Path, ade_root: str
     marker = tmp_path / 'code_ran'
     evil = tmp_path / 'evil.pth'
     torch.save({'state_dict': {'w': torch.zeros(1)}, 'payload': _Payload(marker)}, evil)
-    err = _cli_error('test', [config, str(evil), '--work-dir', str(tmp_path / 't')], capsys)
+    err = cli_error('test', [config, str(evil), '--work-dir', str(tmp_path / 't')], capsys)
     assert err.startswith(f"error: Refusing to load checkpoint '{evil}': it needs ")
     assert 'pathlib.Path' in err  # the class whose unpickling runs code
     assert f'MMOVERLOCK_TRUSTED_CHECKPOINTS={evil}' in err and 'trust_checkpoint' in err
     # resuming from it: refused on that path too (inside mmengine's Runner.resume)
-    err = _cli_error('train', [config, '--resume', str(evil), '--work-dir', str(tmp_path / 'w')],
+    err = cli_error('train', [config, '--resume', str(evil), '--work-dir', str(tmp_path / 'w')],
                      capsys)
     assert f"Refusing to load checkpoint '{evil}'" in err and 'MMOVERLOCK_TRUSTED' in err
     assert not marker.exists()

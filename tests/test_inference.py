@@ -9,7 +9,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import ALL_CONFIGS, DET_DEMO, REPO, SEG_DEMO, TINY_SIZE, load_tool, write_tiny_config
+from helpers import (
+    ALL_CONFIGS,
+    DET_DEMO,
+    REPO,
+    SEG_DEMO,
+    TINY_SIZE,
+    cli_error,
+    load_tool,
+    write_tiny_config,
+)
 from mmengine.config import Config
 from mmengine.dataset import Compose
 from mmengine.registry import init_default_scope
@@ -153,17 +162,6 @@ def test_coco_and_ade_configs_resize_as_the_stock_pipelines(config: str) -> None
     assert len(resize) == 1 and tuple(resize[0]['scale']) == stock and resize[0]['keep_ratio']
 
 
-def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
-    """Run tools/infer.py in-process; it must exit with status 2 and one ``error:`` line."""
-    module = load_tool('infer')
-    from _cli import run_main
-    with pytest.raises(SystemExit) as exc:
-        run_main(lambda: module.main(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith('error: ')]
-    assert len(lines) == 1 and 'Traceback' not in err, err
-    return lines[0]
 
 
 def test_infer_tool_det(det_run: tuple, tmp_path: Path) -> None:
@@ -208,21 +206,22 @@ def test_infer_tool_errors(det_run: tuple, seg_run: tuple, tmp_path: Path,
     seg_config, _ = seg_run
     out = ['--out-dir', str(tmp_path / 'out'), '--device', 'cpu']
     missing = str(tmp_path / 'nope.jpg')
-    err = _cli_error([det_config, det_ckpt, missing, *out], capsys)
+    err = cli_error('infer', [det_config, det_ckpt, missing, *out], capsys)
     assert 'nope.jpg' in err and 'does not exist' in err
-    err = _cli_error([det_config, str(tmp_path / 'nope.pth'), DEMO_PHOTO, *out], capsys)
+    err = cli_error('infer', [det_config, str(tmp_path / 'nope.pth'), DEMO_PHOTO, *out], capsys)
     assert 'nope.pth' in err and 'does not exist' in err
     text = tmp_path / 'text.jpg'
     text.write_text('this is not a JPEG')
-    err = _cli_error([det_config, det_ckpt, str(text), *out], capsys)
+    err = cli_error('infer', [det_config, det_ckpt, str(text), *out], capsys)
     assert 'cannot read image' in err and 'text.jpg' in err
     garbage = tmp_path / 'garbage.pth'
     garbage.write_bytes(b'\x00' * 64)
-    err = _cli_error([det_config, str(garbage), DEMO_PHOTO, *out], capsys)
+    err = cli_error('infer', [det_config, str(garbage), DEMO_PHOTO, *out], capsys)
     assert 'garbage.pth' in err
-    err = _cli_error([seg_config, det_ckpt, DEMO_PHOTO, *out], capsys)  # a detector's weights
+    # a detector's weights for a segmentor
+    err = cli_error('infer', [seg_config, det_ckpt, DEMO_PHOTO, *out], capsys)
     assert 'does not fit' in err and 'not interchangeable' in err
-    err = _cli_error([seg_config, det_ckpt, DEMO_PHOTO, '--score-thr', '0.5', *out], capsys)
+    err = cli_error('infer', [seg_config, det_ckpt, DEMO_PHOTO, '--score-thr', '0.5', *out], capsys)
     assert '--score-thr' in err and 'detection' in err
     assert not (tmp_path / 'out').exists()  # nothing written by a failed run
 

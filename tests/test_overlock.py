@@ -24,6 +24,12 @@ FORMS = ('detection', 'segmentation')
 ARCHS = ('xt', 't', 's', 'b')
 #: Published parameter counts (millions) of the ImageNet classifiers, as the paper counts them.
 PUBLISHED_PARAMS = dict(xt=16, t=33, s=56, b=95)
+#: Gradients of two float32 computations of a whole tiny network in training mode, relative to
+#: their scale (see backbone_testing.assert_close_to_scale). Looser than the outputs' 1e-4: with
+#: BatchNorm on batch statistics of tiny maps (8 values per channel in the last stage) the
+#: network's gradients are ill-conditioned, so summation-order differences of 1e-6 grow to ~1e-4
+#: (observed: up to 1.4e-4 between CPU routes); a real error moves them by O(1) of their scale.
+GRAD_REL = 1e-3
 #: A small arch that runs in milliseconds (same block structure as the released ones).
 TINY = dict(depth=[1, 1, 1, 1], sub_depth=[2, 2], embed_dim=[16, 32, 64, 96],
             kernel_size=[9, 7, 7, 5], sub_num_heads=[2, 3], mlp_ratio=[4, 4, 4, 4],
@@ -204,7 +210,7 @@ def test_channels_last_layout_changes_nothing_but_speed() -> None:
         assert_close_to_scale(out, ref, msg='output')
     floor = gradient_floor(ref_grads)
     for name, grad in ref_grads.items():
-        assert_close_to_scale(grads[name], grad, msg=name, floor=floor)
+        assert_close_to_scale(grads[name], grad, GRAD_REL, msg=name, floor=floor)
 
 
 @pytest.mark.parametrize('with_cp, selective_cp', [(True, False), ([1, 0, 1, 0, 2, 1], True),
@@ -226,7 +232,7 @@ def test_recomputation_gives_same_gradients_and_bn_statistics(with_cp, selective
     grads, stats = step(with_cp=with_cp, selective_cp=selective_cp)
     floor = gradient_floor(plain_grads)
     for name, grad in plain_grads.items():
-        assert_close_to_scale(grads[name], grad, msg=name, floor=floor)
+        assert_close_to_scale(grads[name], grad, GRAD_REL, msg=name, floor=floor)
     # BatchNorm statistics are updated exactly once although blocks run twice
     for name, buf in plain_stats.items():
         assert torch.allclose(buf, stats[name], atol=1e-6), name

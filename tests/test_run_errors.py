@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import DET_DEMO, REPO, load_tool, write_tiny_config
+from helpers import DET_DEMO, REPO, cli_error, load_tool, write_tiny_config
 
 from mmoverlock.apis import (
     CheckpointNotFoundError,
@@ -32,22 +32,11 @@ DINO = str(REPO / 'configs' / 'dropin' / 'dino-4scale_overlock_xt_12e_coco.py')
 XT = [56, 112, 340, 420]
 
 
-def _cli_error(tool: str, argv: list[str], capsys: pytest.CaptureFixture) -> str:
-    """Run ``tools/<tool>.py`` in-process; it must exit with status 2 and one error line."""
-    module = load_tool(tool)
-    with pytest.raises(SystemExit) as exc:
-        from _cli import run_main
-        run_main(lambda: module.main(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith('error: ')]
-    assert len(lines) == 1 and 'Traceback' not in err, err
-    return lines[0]
 
 
 def test_missing_config_file(capsys: pytest.CaptureFixture) -> None:
     wrong = str(REPO / 'configs' / 'detection' / 'maskrcnn_overlock_t_1X.py')
-    err = _cli_error('train', [wrong], capsys)
+    err = cli_error('train', [wrong], capsys)
     assert 'does not exist' in err and 'maskrcnn_overlock_t_1x.py' in err  # the close match
     with pytest.raises(ConfigNotFoundError):
         load_config('no/such/config.py')
@@ -56,7 +45,7 @@ def test_missing_config_file(capsys: pytest.CaptureFixture) -> None:
 def test_missing_coco_data_root(tmp_path: Path, capsys: pytest.CaptureFixture,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # where data/coco/ is certainly missing
-    err = _cli_error('train', [T_1X, '--work-dir', str(tmp_path / 'w')], capsys)
+    err = cli_error('train', [T_1X, '--work-dir', str(tmp_path / 'w')], capsys)
     assert "'data/coco/'" in err
     assert 'train_dataloader.dataset.data_root' in err
     assert 'cocodataset.org' in err and '--cfg-options' in err and 'tools/demo.py' in err
@@ -101,12 +90,12 @@ def test_missing_pretrained_weights(tmp_path: Path, coco_root: str) -> None:
 def test_missing_checkpoints(tmp_path: Path, coco_root: str,
                              capsys: pytest.CaptureFixture) -> None:
     config = write_tiny_config(tmp_path, 'det', coco_root)
-    err = _cli_error('test', [config, str(tmp_path / 'missing.pth')], capsys)
+    err = cli_error('test', [config, str(tmp_path / 'missing.pth')], capsys)
     assert 'missing.pth' in err and 'does not exist' in err
-    err = _cli_error('train', [config, '--resume', str(tmp_path / 'missing.pth'),
+    err = cli_error('train', [config, '--resume', str(tmp_path / 'missing.pth'),
                                '--work-dir', str(tmp_path / 'w')], capsys)
     assert '--resume' in err
-    err = _cli_error('convert_checkpoint', [str(tmp_path / 'a.pth'), str(tmp_path / 'b.pth')],
+    err = cli_error('convert_checkpoint', [str(tmp_path / 'a.pth'), str(tmp_path / 'b.pth')],
                      capsys)
     assert 'a.pth' in err
 
@@ -151,10 +140,10 @@ def test_fp16_amp_needs_a_gpu(tmp_path: Path, coco_root: str,
                               capsys: pytest.CaptureFixture, monkeypatch) -> None:
     import torch
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    err = _cli_error('train', [write_tiny_config(tmp_path, 'det', coco_root), '--amp', 'fp16'],
+    err = cli_error('train', [write_tiny_config(tmp_path, 'det', coco_root), '--amp', 'fp16'],
                      capsys)
     assert 'float16 AMP needs a GPU' in err and 'bf16' in err
-    err = _cli_error('train', [write_tiny_config(tmp_path, 'det', coco_root), '--amp', 'fp8'],
+    err = cli_error('train', [write_tiny_config(tmp_path, 'det', coco_root), '--amp', 'fp8'],
                      capsys)
     assert 'fp8' in err
     assert issubclass(ConfigMismatchError, UsageError)
@@ -288,7 +277,7 @@ def test_missing_data_and_weights_reported_together(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # neither data/coco/ nor checkpoints/ exist here
-    err = _cli_error('train', [T_1X, '--work-dir', str(tmp_path / 'w')], capsys)
+    err = cli_error('train', [T_1X, '--work-dir', str(tmp_path / 'w')], capsys)
     assert "'data/coco/'" in err and 'cocodataset.org' in err
     assert "'checkpoints/overlock_t_in1k_224.pth'" in err
     assert 'https://github.com/LMMMEng/OverLoCK/releases' in err
@@ -322,7 +311,7 @@ def test_missing_test_checkpoint_and_data_together(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     cfg_options = [f'{s}_dataloader.dataset.data_root={tmp_path}/ade'
                    for s in ('train', 'val', 'test')]
-    err = _cli_error('test', [SEG_T, str(tmp_path / 'trained.pth'), '--cfg-options',
+    err = cli_error('test', [SEG_T, str(tmp_path / 'trained.pth'), '--cfg-options',
                               *cfg_options], capsys)
     assert 'trained.pth' in err and f'{tmp_path}/ade' in err and 'sceneparsing' in err
 

@@ -1,9 +1,8 @@
 """``torch.compile`` and automatic mixed precision (AMP) switches for an mmengine training config.
 
 - :func:`enable_compile` adds :class:`~mmoverlock.engine.CompileBackboneHook`, which compiles
-  the backbone's forward in place when the run starts. The backbones' custom autograd
-  functions and their Python-level routing cause graph breaks, not wrong results
-  (``tests/test_compile.py``).
+  the backbone's forward in place when the run starts. Both backbones compile into one graph,
+  with the results of eager execution (``tests/test_compile.py``).
 - :func:`enable_amp` switches the optimizer wrapper to mixed precision. On GPUs (CUDA, NPU, MLU)
   that is mmengine's ``AmpOptimWrapper``: ``float16`` with dynamic loss scaling, or ``bfloat16``
   without (bfloat16 has float32's exponent range, so small gradients do not underflow). mmengine's

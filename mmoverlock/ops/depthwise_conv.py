@@ -26,7 +26,9 @@ AVX2 and AVX-512 alike: :func:`same_conv_default_route`, :func:`weight_grad_defa
 The measurements behind these routes are in ``benchmarks/results/``.
 
 On CUDA every call is plain ``F.conv2d`` (cuDNN) with PyTorch's backward; CPU inference takes
-:func:`same_conv` without the custom autograd function.
+:func:`same_conv` without the custom autograd function, and so does everything under
+``torch.compile`` (the compiler derives the backward itself). Under CPU autocast the function
+runs in the autocast dtype, as autocast runs ``F.conv2d``.
 """
 from __future__ import annotations
 

@@ -22,12 +22,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from ...ops import neighborhood  # noqa: F401  (defines mmoverlock::sparse_aggregate)
+
 _aten = torch.ops.aten
 # convolution ops (the oneDNN one is what mmoverlock.ops.pointwise_conv calls) -> index of `groups`
 _CONVS = {_aten.convolution.default: 8, _aten.mkldnn_convolution.default: 6}
-# matrix products, dense and sparse (the CPU route of the ContMix aggregation is a CSR product)
+# matrix products, dense and sparse (the CPU route of the ContMix aggregation is a CSR product;
+# under torch.compile it is the one operator mmoverlock::sparse_aggregate)
 _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
-            _aten._sparse_addmm.default}
+            _aten._sparse_addmm.default, torch.ops.mmoverlock.sparse_aggregate.default}
 #: A widening 1x1 conv's output is kept when recomputing it costs at least this many
 #: multiply-adds (its input channels) per element kept.
 WIDENING_KEEP_MIN_CHANNELS = 256
