@@ -158,11 +158,10 @@ def test_sparse_aggregation_compiles_in_one_graph(amp: bool) -> None:
 # ------------------------------------------------------------------------------------------------
 # Backbones, aot_eager (dynamo + autograd tracing, no code generation: fast to compile)
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('name', ['overlock', 'glnet'])
-def test_compiled_inference_equals_eager(name: str) -> None:
-    model = _build(name).eval()
-    x = _input(1, 3, 72, 56)
-    counter = CompileCounterWithBackend('aot_eager')
+def _assert_compiled_inference_equals_eager(model: torch.nn.Module, x: torch.Tensor,
+                                            backend: str) -> None:
+    """``torch.compile(model, backend=backend)`` gives eager's outputs, in one captured graph."""
+    counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(model, backend=counter)
     with torch.no_grad():
         expected = model(x)
@@ -170,6 +169,12 @@ def test_compiled_inference_equals_eager(name: str) -> None:
     for out, ref in zip(outs, expected, strict=True):
         assert_close_to_scale(out, ref)
     _assert_captured(counter, 50)
+
+
+@pytest.mark.parametrize('name', ['overlock', 'glnet'])
+def test_compiled_inference_equals_eager(name: str) -> None:
+    _assert_compiled_inference_equals_eager(_build(name).eval(), _input(1, 3, 72, 56),
+                                            'aot_eager')
 
 
 @pytest.mark.parametrize('name', ['overlock', 'glnet'])
@@ -228,16 +233,8 @@ def test_compiled_training_step_under_bf16_autocast() -> None:
 # inductor (C++ code generation on the CPU): the smallest model, inference
 # ------------------------------------------------------------------------------------------------
 def test_inductor_compiled_inference_equals_eager() -> None:
-    model = _build('overlock', TINY_ARCH).eval()
-    x = _input(1, 3, 64, 64)
-    counter = CompileCounterWithBackend('inductor')
-    compiled = torch.compile(model, backend=counter)
-    with torch.no_grad():
-        expected = model(x)
-        outs = compiled(x)
-    for out, ref in zip(outs, expected, strict=True):
-        assert_close_to_scale(out, ref)
-    _assert_captured(counter, 50)
+    _assert_compiled_inference_equals_eager(_build('overlock', TINY_ARCH).eval(),
+                                            _input(1, 3, 64, 64), 'inductor')
 
 
 # ------------------------------------------------------------------------------------------------
