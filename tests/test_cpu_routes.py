@@ -4,6 +4,7 @@ measuring mode takes the fastest and measures each key once."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,9 @@ from mmoverlock.ops.depthwise_conv import (
 
 
 @pytest.fixture(autouse=True)
-def fresh_routes():
-    """Every test starts without remembered choices, in the measuring mode."""
+def fresh_routes(monkeypatch):
+    """Every test starts without remembered choices or a cache file, in the measuring mode."""
+    monkeypatch.delenv(cpu_routes.CACHE_ENV, raising=False)
     cpu_routes.clear_routes()
     with cpu_routes.routes_mode('measure'):
         yield
@@ -383,3 +385,21 @@ def test_aggregation_measures_forward_and_training_apart() -> None:
     # the same call again is not measured again
     neighborhood_aggregate(*leaves, backend='torch')
     assert cpu_routes.route_stats()['measured'] == 2
+
+
+def test_tools_keep_route_choices_in_a_cache_file(tmp_path: Path, monkeypatch) -> None:
+    """tools/*.py (run_main) keep the measured choices in ~/.cache/mmoverlock unless the
+    environment names another file, and restore the environment for in-process callers."""
+    from helpers import load_tool
+    load_tool('train')  # puts tools/ on sys.path
+    import _cli
+    monkeypatch.setenv('HOME', str(tmp_path))
+    seen = []
+    monkeypatch.setattr(cpu_routes, 'measure', lambda c, repeats=2: {'a': 2.0, 'b': 1.0})
+    _cli.run_main(lambda: seen.append(
+        (os.environ.get(cpu_routes.CACHE_ENV),
+         cpu_routes.choose('op', (3,), {'a': lambda: None, 'b': lambda: None}, 'a'))))
+    expected = tmp_path / '.cache' / 'mmoverlock' / 'cpu_routes.json'
+    assert seen == [(str(expected), 'b')]
+    assert list(json.loads(expected.read_text())[cpu_routes.machine_key()].values()) == ['b']
+    assert cpu_routes.CACHE_ENV not in os.environ

@@ -151,6 +151,7 @@ def _save_disk() -> None:
         return
     tmp = f'{path}.{os.getpid()}.tmp'
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, 'w') as f:
             json.dump(_state['loaded'], f, indent=1, sort_keys=True)
         os.replace(tmp, path)
