@@ -84,3 +84,18 @@ def gradient_floor(grads: dict, fraction: float = 1e-3) -> float:
     """``fraction`` of the largest gradient magnitude in ``grads`` (name -> tensor), the
     ``floor`` of :func:`assert_close_to_scale` for gradient comparisons."""
     return fraction * max(g.abs().max().item() for g in grads.values() if g is not None)
+
+
+def spy_on_conv2d(monkeypatch, module) -> list[tuple]:
+    """Record every ``F.conv2d`` call made through ``module.F`` as ``((H, W) of the input,
+    kernel size, padding)``; the calls still compute. Returns the (growing) list."""
+    import torch.nn.functional as F
+    calls: list[tuple] = []
+    conv2d = F.conv2d
+
+    def spy(inp, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        calls.append((tuple(inp.shape[-2:]), w.shape[-1], padding))
+        return conv2d(inp, w, bias, stride, padding, dilation, groups)
+
+    monkeypatch.setattr(module.F, 'conv2d', spy)
+    return calls

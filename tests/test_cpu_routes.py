@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from backbone_testing import spy_on_conv2d
 
 from mmoverlock.ops import (
     cpu_routes,
@@ -98,14 +99,7 @@ def test_every_weight_grad_route_is_the_definition(kernel_size, dilation, route,
 
 
 def test_fixed_mode_takes_the_defaults_without_measuring(monkeypatch) -> None:
-    calls = []
-    conv2d = F.conv2d
-
-    def spy(inp, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        calls.append((tuple(inp.shape[-2:]), w.shape[-1], padding))
-        return conv2d(inp, w, bias, stride, padding, dilation, groups)
-
-    monkeypatch.setattr(depthwise_conv.F, 'conv2d', spy)
+    calls = spy_on_conv2d(monkeypatch, depthwise_conv)
     x = torch.randn(1, 4, 20, 22).contiguous(memory_format=torch.channels_last)
     with cpu_routes.routes_mode('fixed'):
         for k, d, expected in ((9, 2, ((36, 38), 9, 0)),     # dilated: padded beforehand

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from backbone_testing import spy_on_conv2d
 
 from mmoverlock.ops import cpu_routes, depthwise_conv, depthwise_conv2d, memory_format_of
 from mmoverlock.ops.depthwise_conv import (
@@ -123,14 +124,7 @@ def test_same_conv_routes_around_slow_onednn_kernels(monkeypatch, kernel_size: i
     weight = torch.randn(4, 1, kernel_size, kernel_size)
     pad = dilation * (kernel_size - 1) // 2
     ref = F.conv2d(x, weight, None, padding=pad, dilation=dilation, groups=4)
-    calls = []
-    conv2d = F.conv2d
-
-    def spy(inp, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        calls.append((tuple(inp.shape[-2:]), w.shape[-1], padding))
-        return conv2d(inp, w, bias, stride, padding, dilation, groups)
-
-    monkeypatch.setattr(depthwise_conv.F, 'conv2d', spy)
+    calls = spy_on_conv2d(monkeypatch, depthwise_conv)
     with torch.set_grad_enabled(grad):
         out = depthwise_conv2d(x.requires_grad_(grad), weight, None, dilation)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
