@@ -6,12 +6,16 @@ a run cut short keeps what the issue's goals need first):
 1. ``copy_bandwidth``: a device-to-device copy of a large tensor, the card's achievable bandwidth;
 2. ``kernel_bandwidth``: the Triton aggregation kernels on OverLoCK-T's stage-3 maps (800x1216
    image, batch 2), measured by ``benchmarks/triton_bandwidth.py``, as % of that copy bandwidth;
-3. ``classification``: OverLoCK classifiers (timm ``overlock_*``) at 224x224, batch 128:
+3. ``profile``: one inference and one training step of OverLoCK-T (ours, the classification
+   settings) under ``torch.profiler``: the step's wall time against its kernels' summed time, the
+   kernels' time by category (convolution, Triton aggregation, matmul, norms, copies, ...) and the
+   largest kernels;
+4. ``classification``: OverLoCK classifiers (timm ``overlock_*``) at 224x224, batch 128:
    inference and training (forward + backward + AdamW step) images per second, ``ours`` and
    ``baseline`` with the same weights (OverLoCK-T first, the other archs at the end of the run);
-4. ``peers``: timm's ``convnext_tiny`` (NCHW and channels-last; the ratios take the faster) and
+5. ``peers``: timm's ``convnext_tiny`` (NCHW and channels-last; the ratios take the faster) and
    mmdet's Swin-T backbone (built as ``benchmarks/backbone.py`` builds it; no head), same settings;
-5. ``dense_training``: training steps of the OverLoCK-T backbone (detection form) at
+6. ``dense_training``: training steps of the OverLoCK-T backbone (detection form) at
    2x3x800x1216 and 8x3x512x512 with the peak CUDA memory of each case, ours vs baseline.
 
 ``ours`` is mmoverlock as shipped (channels-last maps, Triton aggregation on CUDA, selective
@@ -74,6 +78,7 @@ ARCHS = ('xt', 't', 's', 'b')
 SECTIONS = {
     'copy_bandwidth': 'Device-to-device copy (the card\'s achievable bandwidth)',
     'kernel_bandwidth': 'Triton aggregation kernels on OverLoCK-T\'s stage-3 maps',
+    'profile': 'Where one step of OverLoCK (ours) spends its time (torch.profiler)',
     'classification': 'OverLoCK classifiers: inference and training throughput',
     'peers': 'Peers at the same settings',
     'dense_training': 'Dense training steps (OverLoCK backbone, detection form)',
@@ -84,6 +89,21 @@ QUICK = {'cpu': (64, 2, ['1x64x64', '1x64x96'], 1, 0),
          'cuda': (224, 8, ['1x256x384', '2x256x256'], 2, 1)}
 NUM_CLASSES = 1000
 PROBE_IMAGES = 4  # images of the ours-vs-baseline output comparison
+#: kernel-name fragments (lower case) of each category of the profile section; first match wins
+KERNEL_CATEGORIES = (
+    ('aggregation (Triton)', ('_na_forward', '_na_attn_grad', '_na_value_grad')),
+    ('convolution', ('conv', 'cudnn', 'xmma', 'implicit', 'dgrad', 'wgrad', 'fprop', 'winograd')),
+    ('matmul', ('gemm', 'cutlass', 'nvjet', 'cublas', 'addmm', 'mm')),
+    ('normalisation', ('batch_norm', 'batchnorm', 'layer_norm', 'layernorm', 'welford',
+                       'native_norm', 'group_norm')),
+    ('softmax', ('softmax',)),
+    ('copy / layout', ('copy', 'transpose', 'permute', 'cat', 'pad', 'clone', 'contiguous',
+                       'im2col', 'col2im', 'unfold')),
+    ('optimizer', ('adam', 'foreach', 'multi_tensor')),
+    ('reduction', ('reduce', 'sum', 'mean')),
+    ('elementwise', ('elementwise', 'vectorized', 'unrolled', 'mul', 'add', 'gelu', 'sigmoid')),
+)
+PROFILE_TOP = 15  # kernels listed per mode
 
 
 class Interrupted(BaseException):
@@ -563,6 +583,100 @@ def kernel_bandwidth(report: Report, device: torch.device, dtype: torch.dtype,
         report.add(section, dict(row, status='ok'))
 
 
+def kernel_category(name: str) -> str:
+    """The category of a CUDA kernel (or, on the CPU, an ATen op) by its name."""
+    lower = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(f in lower for f in fragments):
+            return category
+    return 'other'
+
+
+def profile_once(step: Callable[[], None], device: torch.device) -> dict[str, Any]:
+    """One ``step`` under ``torch.profiler``: its wall time, the summed time of its kernels
+    (CUDA kernels on a GPU; ATen ops' self CPU time on the CPU) by name, and their count."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    kernels: dict[str, list[float]] = {}
+    if cuda:
+        for event in prof.events():
+            if event.device_type == DeviceType.CUDA:
+                entry = kernels.setdefault(event.name, [0.0, 0])
+                entry[0] += event.time_range.elapsed_us() / 1e3
+                entry[1] += 1
+    else:
+        for event in prof.key_averages():
+            if event.self_cpu_time_total > 0:
+                kernels[event.key] = [event.self_cpu_time_total / 1e3, event.count]
+    return dict(wall_ms=wall * 1e3, kernels=kernels)
+
+
+def profile_rows(mode: str, profiled: dict[str, Any]) -> list[dict[str, Any]]:
+    """A summary row, one row per category and the ``PROFILE_TOP`` largest kernels of one
+    profiled step (times in ms, shares of the kernels' summed time)."""
+    kernels = profiled['kernels']
+    busy = sum(ms for ms, _ in kernels.values())
+    launches = sum(n for _, n in kernels.values())
+    rows = [dict(mode=mode, kind='step', name='wall time of the step / summed kernel time',
+                 calls=launches, ms=profiled['wall_ms'], busy_ms=busy, status='ok')]
+    categories: dict[str, list[float]] = {}
+    for name, (ms, n) in kernels.items():
+        entry = categories.setdefault(kernel_category(name), [0.0, 0])
+        entry[0] += ms
+        entry[1] += n
+    for name, (ms, n) in sorted(categories.items(), key=lambda kv: -kv[1][0]):
+        rows.append(dict(mode=mode, kind='category', name=name, calls=n, ms=ms,
+                         pct=100 * ms / max(busy, 1e-9), status='ok'))
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:PROFILE_TOP]
+    for name, (ms, n) in top:
+        rows.append(dict(mode=mode, kind='kernel', name=name[:100],
+                         category=kernel_category(name), calls=n, ms=ms,
+                         pct=100 * ms / max(busy, 1e-9), status='ok'))
+    return rows
+
+
+def profile_section(report: Report, arch: str, case: Case, settings: dict[str, Any]) -> None:
+    """One inference and one training step of ``overlock_{arch}`` (ours, the classification
+    section's batch and size) under the profiler, after the case's warm-up iterations."""
+    import timm
+
+    import mmoverlock.models.classifiers  # noqa: F401  (registers the timm models)
+    section = 'profile'
+    size, batch = settings['image_size'], settings['batch']
+    report.note(section, f'overlock_{arch} (ours), {batch}x3x{size}x{size}, one step after '
+                f'{max(case.warmup, 1)} warm-up; the kernels\' times summed by name '
+                '(CUDA kernels on a GPU, ATen ops\' self CPU time on the CPU). Wall time much '
+                'larger than the summed kernel time: the step waits on the host.')
+    if report.out_of_time():
+        report.add(section, dict(status='skipped', error=f'budget of {report.budget_s:g} s spent'))
+        return
+    try:
+        torch.manual_seed(0)
+        with route('ours'):
+            model = timm.create_model(f'overlock_{arch}', **route_kwargs('ours')).to(case.device)
+            for mode in ('infer', 'train'):
+                make = case.train_step if mode == 'train' else case.infer_step
+                step = make(model, batch, size, size)
+                for _ in range(max(case.warmup, 1)):
+                    step()
+                for row in profile_rows(mode, profile_once(step, case.device)):
+                    report.add(section, row)
+        del model
+    except Exception as error:  # noqa: BLE001  (recorded; the run goes on)
+        report.add(section, error_fields(error))
+    free_memory(case.device)
+
+
 def shared_weights(make: Callable[[], nn.Module],
                    state: dict[str, Tensor]) -> Callable[[], nn.Module]:
     """``make`` whose first model's weights go into ``state`` and into every later model.
@@ -783,6 +897,24 @@ def kernel_table(rows: list[dict], copy: Optional[dict]) -> list[str]:
     return lines
 
 
+def profile_table(rows: list[dict]) -> list[str]:
+    lines = ['| mode | kind | name | calls | ms | % of kernel time |', '|' + '---|' * 6]
+    for r in rows:
+        if r.get('status') != 'ok':
+            lines.append(f"| - | - | {r.get('status')} {r.get('error', '')} | - | - | - |")
+            continue
+        if r['kind'] == 'step':
+            share = f"kernels {fmt(r['busy_ms'], '.1f')} ms"
+        else:
+            share = fmt(r.get('pct'), '.1f', '%')
+        name = r['name'].replace('|', '/')
+        if r['kind'] == 'kernel':
+            name = f"`{name}` ({r['category']})"
+        lines.append(f"| {r['mode']} | {r['kind']} | {name} | {r['calls']} | "
+                     f"{fmt(r['ms'], '.2f')} | {share} |")
+    return lines
+
+
 def markdown(data: dict[str, Any]) -> str:
     """The report as Markdown: machine, goals' ratios, one table per section."""
     meta, sections = data['meta'], data['sections']
@@ -823,6 +955,8 @@ def markdown(data: dict[str, Any]) -> str:
             rows = sorted(rows, key=lambda r: ARCHS.index(r['arch']))
         if key in tables:
             lines += throughput_table(rows, tables[key])
+        elif key == 'profile':
+            lines += profile_table(rows)
         elif key == 'copy_bandwidth':
             lines += ['| MiB | median ms | GB/s (read + write) | status |', '|---|---|---|---|']
             lines += [f"| {r['tensor_mib']} | {fmt(r.get('median_ms'), '.3f')} | "
@@ -877,6 +1011,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                             3 if args.quick else 20)),
                  ('kernel_bandwidth', partial(kernel_bandwidth, report, device, dtype,
                                               settings['kernel_runs'])),
+                 ('profile', partial(profile_section, report, archs[0], case, settings)),
                  ('classification', partial(classification, report, archs[0], case, settings)),
                  ('peers', partial(peers, report, device, dtype, settings)),
                  ('dense_training', partial(dense_training, report, case, settings))]

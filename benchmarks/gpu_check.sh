@@ -21,7 +21,9 @@
 #               whatever time is left; if it finishes, its nms / roi_align are compared with the
 #               CPU ops on the GPU (step 'mmcv-cuda'). --mmcv cpu skips it, --mmcv none skips mmcv.
 #   4. imports  mmcv.ops, mmdet, mmseg and mmoverlock import; versions
-#   5. pytest   python -m pytest -m cuda (junit xml)
+#   5. pytest   python -m pytest -m cuda --report-at-once (junit xml), the kernels' tests first;
+#               the Mask R-CNN AMP iteration deselected (it needs mmcv's CUDA ops) and run in
+#               step mmcv-cuda when that build finishes
 #   6. bench    benchmarks/gpu.py if it exists (`--out RESULTS/gpu --budget <its time - 30 s>`;
 #               it measures the Triton kernels' bandwidth itself), else
 #               benchmarks/triton_bandwidth.py if it exists (`--out RESULTS/triton_bandwidth`);
@@ -193,8 +195,13 @@ import mmseg.models  # noqa: F401
 PY
 }
 
-run_pytest() {
-  cd "$ROOT" && "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$RES/junit_cuda.xml"
+# Mask R-CNN's RoIAlign / NMS need mmcv's CUDA ops; the mmcv of the pytest step has CPU ops
+# only (the CUDA build, if any, ends later): that test runs after the CUDA build (smoke_mmcv_cuda).
+DET_AMP_TEST='tests/test_cuda.py::test_one_training_iteration_with_amp[det]'
+run_pytest() {  # the kernels' tests first (fastest); each result printed as soon as it is known
+  cd "$ROOT" && "$PY" -m pytest -m cuda -q -p no:cacheprovider --report-at-once \
+    --deselect "$DET_AMP_TEST" --junitxml="$RES/junit_cuda.xml" \
+    tests/test_neighborhood_triton.py tests/test_cuda.py
 }
 
 run_bench() {  # run_bench NAME SECONDS: gpu.py stops its cases by itself 30 s before SECONDS
@@ -223,9 +230,12 @@ assert torch.allclose(ref, out, atol=1e-5), (ref - out).abs().max()
 print(f'mmcv CUDA ops: nms keeps the same {len(keep_cpu)} of 300 boxes as the CPU op, '
       f'roi_align agrees to {(ref - out).abs().max().item():.2e}')
 PY
+  [ $? -eq 0 ] || return 1
+  cd "$ROOT" && PYTHONPATH="$SITE-cuda:$PYTHONPATH" "$PY" -m pytest -m cuda -q \
+    -p no:cacheprovider --report-at-once "$DET_AMP_TEST"
 }
 
-export ROOT BUNDLE RES SITE PY JOBS WORK SDIST LOG
+export ROOT BUNDLE RES SITE PY JOBS WORK SDIST LOG DET_AMP_TEST
 export -f show_env env_report install_wheels unpack_mmcv build_mmcv_cpu build_mmcv_cuda check_imports \
   run_pytest run_bench smoke_mmcv_cuda
 
@@ -287,6 +297,8 @@ else
   [ "$DRY" = 0 ] && cat "$WORK/mmcv-cpu.log" >>"$BUILD_LOG" 2>/dev/null
 fi
 step imports 60 check_imports
+[ "$DRY" = 1 ] && echo "pytest: deselects $DET_AMP_TEST (needs mmcv's CUDA ops; run after the CUDA build, if it finishes)"
+[ "$DRY" = 0 ] && echo "pytest: $DET_AMP_TEST deselected (needs mmcv's CUDA ops; runs in step mmcv-cuda if that build finishes)" >>"$SUMMARY"
 step pytest "$(limit 240 "$BENCH_RESERVE")" run_pytest
 if [ ${#BENCHES[@]} -eq 0 ]; then
   [ "$DRY" = 1 ] && echo "bench: no benchmarks/gpu.py or benchmarks/triton_bandwidth.py" \
@@ -311,7 +323,7 @@ if [ -n "$CUDA_PID" ]; then
       record cuda-build ok $((SECONDS - CUDA_START))
       "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE-cuda" \
         "$WORK"/wheel-cuda/mmcv-*.whl >>"$LOG" 2>&1
-      step mmcv-cuda "$(limit 40 0)" smoke_mmcv_cuda ;;
+      step mmcv-cuda "$(limit 120 0)" smoke_mmcv_cuda ;;
     124|137|143)
       progress=$(grep -oE '\[[0-9]+/[0-9]+\]' "$WORK/mmcv-cuda.log" | tail -1)
       record cuda-build "stopped at the budget, ${progress:-no unit done}" $((SECONDS - CUDA_START)) ;;

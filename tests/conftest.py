@@ -10,6 +10,8 @@ from helpers import TINY_SIZE, write_tiny_config
 
 from mmoverlock.datasets import generate_ade_shapes, generate_coco_shapes
 
+pytest_plugins = ['report_at_once']  # --report-at-once
+
 
 @pytest.fixture(scope='module')
 def single_thread() -> Iterator[None]:

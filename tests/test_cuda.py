@@ -16,7 +16,7 @@ from backbone_testing import assert_close_to_scale, random_loss
 from helpers import load_tool, train_iterations, write_tiny_config
 from test_amp import OUTPUT_REL
 from test_glnet import TINY_G
-from test_overlock import TINY
+from test_overlock import GRAD_REL, TINY
 
 import mmoverlock  # noqa: F401  (registration)
 from mmoverlock.models.backbones.glnet import GLNet
@@ -25,7 +25,8 @@ from mmoverlock.models.backbones.overlock import OverLoCK
 pytestmark = pytest.mark.cuda
 
 #: float32 on the GPU (cuDNN, TF32 off) against the CPU: two summation orders of float32, the
-#: reasoning of backbone_testing.assert_close_to_scale.
+#: reasoning of backbone_testing.assert_close_to_scale; gradients with test_overlock's GRAD_REL
+#: (batch-statistics BatchNorm on tiny maps makes them ill-conditioned).
 FP32_REL = 1e-4
 
 
@@ -65,7 +66,7 @@ def test_backbone_on_gpu_equals_cpu_in_float32(index: int) -> None:
     assert grads.keys() == cpu_grads.keys()
     floor = 1e-3 * max(g.abs().max().item() for g in cpu_grads.values())
     for n, g in cpu_grads.items():
-        assert_close_to_scale(grads[n], g, FP32_REL, msg=n, floor=floor)
+        assert_close_to_scale(grads[n], g, GRAD_REL, msg=n, floor=floor)
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
@@ -90,9 +91,26 @@ def test_backbone_under_autocast_on_gpu(index: int, dtype: torch.dtype) -> None:
             assert p.grad is not None and torch.isfinite(p.grad).all(), n
 
 
+def mmcv_cuda_ops_error() -> str | None:
+    """Why mmcv's compiled ops do not run on CUDA tensors (None when they do)."""
+    from mmcv.ops import nms
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0]], device='cuda')
+    try:
+        nms(boxes, torch.tensor([0.9, 0.8], device='cuda'), 0.5)
+    except (RuntimeError, NotImplementedError) as error:
+        return str(error).splitlines()[0]
+    return None
+
+
 @pytest.mark.parametrize('task', ['det', 'seg'])
 def test_one_training_iteration_with_amp(task: str, tmp_path: Path, coco_root: str,
                                          ade_root: str) -> None:
+    if task == 'det':  # Mask R-CNN's RoIAlign and NMS are mmcv's compiled ops
+        error = mmcv_cuda_ops_error()
+        assert error is None, (
+            f'mmcv has no CUDA ops here ({error}); mmdet detectors need them on a GPU: build mmcv '
+            'with them (tools/setup_env.sh does on a GPU machine; benchmarks/gpu_check.sh '
+            '--mmcv auto tries)')
     config = write_tiny_config(tmp_path, task, coco_root if task == 'det' else ade_root,
                                max_iters=1)
     work = tmp_path / 'work'

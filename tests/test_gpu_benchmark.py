@@ -14,7 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'benchmarks' / 'gpu.py'
-SECTIONS = ['copy_bandwidth', 'kernel_bandwidth', 'classification', 'peers', 'dense_training']
+SECTIONS = ['copy_bandwidth', 'kernel_bandwidth', 'profile', 'classification', 'peers',
+            'dense_training']
 
 
 def load_gpu_benchmark():
@@ -92,6 +93,37 @@ def test_sections_and_rows(quick_run: dict) -> None:
     assert sections['kernel_bandwidth']['rows'] == []
     assert 'need a CUDA device' in sections['kernel_bandwidth']['note']
     assert '| overlock_xt | baseline | infer | 64x64 | 2 |' in quick_run['md']
+
+
+def test_profile_splits_each_step_into_categories_and_kernels(quick_run: dict) -> None:
+    rows = quick_run['json']['sections']['profile']['rows']
+    for mode in ('infer', 'train'):
+        mine = [r for r in rows if r['mode'] == mode]
+        step = [r for r in mine if r['kind'] == 'step']
+        categories = [r for r in mine if r['kind'] == 'category']
+        kernels = [r for r in mine if r['kind'] == 'kernel']
+        assert len(step) == 1 and step[0]['ms'] > 0 and step[0]['busy_ms'] > 0
+        # the categories partition the kernels' summed time; the top kernels are a part of it
+        assert sum(r['ms'] for r in categories) == pytest.approx(step[0]['busy_ms'])
+        assert sum(r['pct'] for r in categories) == pytest.approx(100)
+        assert 0 < len(kernels) <= 15 and sum(r['ms'] for r in kernels) <= step[0]['busy_ms']
+        assert [r['ms'] for r in kernels] == sorted((r['ms'] for r in kernels), reverse=True)
+        # OverLoCK is convolutions first: they must be found by name (on the CPU: ATen ops)
+        assert 'convolution' in {r['name'] for r in categories}
+    assert any(r['mode'] == 'train' and r['category'] == 'optimizer'
+               for r in rows if r['kind'] == 'kernel') or any(
+        r['name'] == 'optimizer' for r in rows if r['kind'] == 'category')
+    assert '| train | category | convolution |' in quick_run['md']
+
+
+def test_kernel_categories_by_name() -> None:
+    gpu = load_gpu_benchmark()
+    assert gpu.kernel_category('_na_forward_kernel') == 'aggregation (Triton)'
+    assert gpu.kernel_category('sm90_xmma_fprop_implicit_gemm_bf16bf16_nhwc') == 'convolution'
+    assert gpu.kernel_category('nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN') == 'matmul'
+    assert gpu.kernel_category('void at::native::batch_norm_collect_statistics_kernel') == (
+        'normalisation')
+    assert gpu.kernel_category('something_unheard_of') == 'other'
 
 
 def test_ratios_follow_from_rows(quick_run: dict) -> None:

@@ -316,7 +316,7 @@ def test_gpu_check_runs_every_step_and_records_each(tmp_path: Path) -> None:
                              flags=re.M))
     assert status == {'env': 'ok', 'install': 'ok', 'mmcv-cpu': 'ok', 'imports': 'ok',
                       'pytest': 'failed (exit 3)', 'bench-gpu': 'ok', 'cuda-build': 'ok',
-                      'mmcv-cuda': 'ok'}, summary
+                      'mmcv-cuda': 'failed (exit 3)'}, summary  # the stub's pytest fails
     assert 'mmcv CUDA plan: CUDA ops for 9.0' in summary
     assert re.search(r'^total\s', summary, flags=re.M)
     assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files
@@ -338,9 +338,17 @@ def test_gpu_check_runs_every_step_and_records_each(tmp_path: Path) -> None:
     assert any(f'--target {site}-cuda' in c for c in calls)
     smoke = next(c for c in calls if c.startswith('CALL -') and f'PYTHONPATH={site}-cuda:' in c)
     assert smoke
-    pytest_call = next(c for c in calls if ' pytest ' in c)
+    pytest_call, det_call = [c for c in calls if ' pytest ' in c]
     assert ' -m cuda ' in pytest_call and f'--junitxml={out}/junit_cuda.xml' in pytest_call
-    assert f'PYTHONPATH={site}:{repo}' in pytest_call
+    assert f'PYTHONPATH={site}:{repo}' in pytest_call and '--report-at-once' in pytest_call
+    # Mask R-CNN's AMP iteration needs mmcv's CUDA ops: deselected with the CPU-ops mmcv, run
+    # with the CUDA-ops build first on the path once that build is done
+    det = r'tests/test_cuda.py::test_one_training_iteration_with_amp\[det\]'
+    assert f'--deselect {det}' in pytest_call
+    assert det_call.endswith(f'{det} | FORCE_CUDA=unset CUDA_VISIBLE_DEVICES=unset '
+                             f'MMCV_WITH_OPS=unset PYTHONPATH={site}-cuda:{site}:{repo} '
+                             'TORCH_CUDA_ARCH_LIST=unset CUDA_HOME=unset'), det_call
+    assert 'deselected (needs mmcv\'s CUDA ops' in summary
     bench = next(c for c in calls if 'benchmarks/gpu.py' in c)
     # gpu.py ends its own cases 30 s before the step's timeout
     assert f'--out {out}/gpu --budget ' in bench
