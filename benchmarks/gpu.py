@@ -7,9 +7,9 @@ a run cut short keeps what the issue's goals need first):
 2. ``kernel_bandwidth``: the Triton aggregation kernels on OverLoCK-T's stage-3 maps (800x1216
    image, batch 2), measured by ``benchmarks/triton_bandwidth.py``, as % of that copy bandwidth;
 3. ``profile``: one inference and one training step of OverLoCK-T (ours, the classification
-   settings) under ``torch.profiler``: the step's wall time against its kernels' summed time, the
-   kernels' time by category (convolution, Triton aggregation, matmul, norms, copies, ...) and the
-   largest kernels;
+   settings; training also without selective recomputation) under ``torch.profiler``: the step's
+   wall time against its kernels' summed time, the kernels' time by category (convolution,
+   Triton aggregation, matmul, norms, copies, ...) and the largest kernels;
 4. ``classification``: OverLoCK classifiers (timm ``overlock_*``) at 224x224, batch 128:
    inference and training (forward + backward + AdamW step) images per second, ``ours`` and
    ``baseline`` with the same weights (OverLoCK-T first, the other archs at the end of the run);
@@ -104,6 +104,8 @@ KERNEL_CATEGORIES = (
     ('elementwise', ('elementwise', 'vectorized', 'unrolled', 'mul', 'add', 'gelu', 'sigmoid')),
 )
 PROFILE_TOP = 15  # kernels listed per mode
+#: (mode, selective recomputation) of the profiled steps
+PROFILED_STEPS = (('infer', True), ('train', True), ('train, no recompute', False))
 
 
 class Interrupted(BaseException):
@@ -628,7 +630,8 @@ def profile_rows(mode: str, profiled: dict[str, Any]) -> list[dict[str, Any]]:
     busy = sum(ms for ms, _ in kernels.values())
     launches = sum(n for _, n in kernels.values())
     rows = [dict(mode=mode, kind='step', name='wall time of the step / summed kernel time',
-                 calls=launches, ms=profiled['wall_ms'], busy_ms=busy, status='ok')]
+                 calls=launches, ms=profiled['wall_ms'], busy_ms=busy,
+                 peak_cuda_mib=profiled.get('peak_cuda_mib'), status='ok')]
     categories: dict[str, list[float]] = {}
     for name, (ms, n) in kernels.items():
         entry = categories.setdefault(kernel_category(name), [0.0, 0])
@@ -664,13 +667,24 @@ def profile_section(report: Report, arch: str, case: Case, settings: dict[str, A
         torch.manual_seed(0)
         with route('ours'):
             model = timm.create_model(f'overlock_{arch}', **route_kwargs('ours')).to(case.device)
-            for mode in ('infer', 'train'):
-                make = case.train_step if mode == 'train' else case.infer_step
+            # training twice: as shipped (selective recomputation) and with plain autograd,
+            # which tells what the recomputation costs on this device
+            for mode, recompute in PROFILED_STEPS:
+                for module in model.modules():
+                    if hasattr(module, 'selective_cp'):
+                        module.selective_cp = recompute
+                make = case.infer_step if mode == 'infer' else case.train_step
                 step = make(model, batch, size, size)
                 for _ in range(max(case.warmup, 1)):
                     step()
-                for row in profile_rows(mode, profile_once(step, case.device)):
+                if case.device.type == 'cuda':
+                    torch.cuda.reset_peak_memory_stats(case.device)
+                profiled = profile_once(step, case.device)
+                if case.device.type == 'cuda':
+                    profiled['peak_cuda_mib'] = torch.cuda.max_memory_allocated(case.device) / 2**20
+                for row in profile_rows(mode, profiled):
                     report.add(section, row)
+                model.zero_grad(set_to_none=True)
         del model
     except Exception as error:  # noqa: BLE001  (recorded; the run goes on)
         report.add(section, error_fields(error))
@@ -905,6 +919,8 @@ def profile_table(rows: list[dict]) -> list[str]:
             continue
         if r['kind'] == 'step':
             share = f"kernels {fmt(r['busy_ms'], '.1f')} ms"
+            if r.get('peak_cuda_mib') is not None:
+                share += f", peak {r['peak_cuda_mib']:.0f} MiB"
         else:
             share = fmt(r.get('pct'), '.1f', '%')
         name = r['name'].replace('|', '/')

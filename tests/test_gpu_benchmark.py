@@ -97,7 +97,7 @@ def test_sections_and_rows(quick_run: dict) -> None:
 
 def test_profile_splits_each_step_into_categories_and_kernels(quick_run: dict) -> None:
     rows = quick_run['json']['sections']['profile']['rows']
-    for mode in ('infer', 'train'):
+    for mode in ('infer', 'train', 'train, no recompute'):
         mine = [r for r in rows if r['mode'] == mode]
         step = [r for r in mine if r['kind'] == 'step']
         categories = [r for r in mine if r['kind'] == 'category']
@@ -114,6 +114,9 @@ def test_profile_splits_each_step_into_categories_and_kernels(quick_run: dict) -
                for r in rows if r['kind'] == 'kernel') or any(
         r['name'] == 'optimizer' for r in rows if r['kind'] == 'category')
     assert '| train | category | convolution |' in quick_run['md']
+    # without selective recomputation the backward recomputes nothing: fewer operators run
+    calls = {r['mode']: r['calls'] for r in rows if r['kind'] == 'step'}
+    assert calls['train, no recompute'] < calls['train']
 
 
 def test_kernel_categories_by_name() -> None:
