@@ -10,6 +10,8 @@ a run cut short keeps what the issue's goals need first):
    settings; training also without selective recomputation) under ``torch.profiler``: the step's
    wall time against its kernels' summed time, the kernels' time by category (convolution,
    Triton aggregation, matmul, norms, copies, ...) and the largest kernels;
+   ``depthwise``: OverLoCK-T's depthwise convolutions alone (each stage's large kernel, its most
+   dilated branch, a 3x3), forward and forward + backward, channels-last and NCHW;
 4. ``classification``: OverLoCK classifiers (timm ``overlock_*``) at 224x224, batch 128:
    inference and training (forward + backward + AdamW step) images per second, ``ours`` and
    ``baseline`` with the same weights (OverLoCK-T first, the other archs at the end of the run);
@@ -79,6 +81,7 @@ SECTIONS = {
     'copy_bandwidth': 'Device-to-device copy (the card\'s achievable bandwidth)',
     'kernel_bandwidth': 'Triton aggregation kernels on OverLoCK-T\'s stage-3 maps',
     'profile': 'Where one step of OverLoCK (ours) spends its time (torch.profiler)',
+    'depthwise': 'OverLoCK-T\'s depthwise convolutions alone: memory layouts',
     'classification': 'OverLoCK classifiers: inference and training throughput',
     'peers': 'Peers at the same settings',
     'dense_training': 'Dense training steps (OverLoCK backbone, detection form)',
@@ -104,6 +107,9 @@ KERNEL_CATEGORIES = (
     ('elementwise', ('elementwise', 'vectorized', 'unrolled', 'mul', 'add', 'gelu', 'sigmoid')),
 )
 PROFILE_TOP = 15  # kernels listed per mode
+#: OverLoCK-T's depthwise convolutions at 224x224: (channels, map size, large kernel) of each
+#: stage; timed with the large kernel, its most dilated branch (3x3) and a 3x3
+DEPTHWISE_STAGES = ((64, 56, 17), (128, 28, 15), (256, 14, 13), (512, 7, 7))
 #: (mode, selective recomputation) of the profiled steps
 PROFILED_STEPS = (('infer', True), ('train', True), ('train, no recompute', False))
 
@@ -691,6 +697,79 @@ def profile_section(report: Report, arch: str, case: Case, settings: dict[str, A
     free_memory(case.device)
 
 
+def depthwise_cases(settings: dict[str, Any]) -> list[tuple[int, int, int, int, int]]:
+    """``(channels, map size, kernel, dilation, stage)`` of the depthwise section: each stage's
+    large kernel, its most dilated branch and a plain 3x3, scaled to the section's image size."""
+    from mmoverlock.models.layers.dilated_reparam import DILATED_BRANCHES
+    cases = []
+    for stage, (channels, size, k) in enumerate(DEPTHWISE_STAGES, 1):
+        size = max(1, size * settings['image_size'] // 224)
+        branch_k, branch_d = [(kk, d) for kk, d in zip(*DILATED_BRANCHES[k])][-1]
+        for kernel, dilation in ((k, 1), (branch_k, branch_d), (3, 1)):
+            cases.append((channels, size, kernel, dilation, stage))
+    return cases
+
+
+def depthwise_row(case: Case, batch: int, channels: int, size: int, kernel: int, dilation: int,
+                  layout: str) -> dict[str, Any]:
+    """Forward and forward + backward of one depthwise convolution (``F.conv2d``, same padding,
+    the case's autocast dtype) in one memory layout; multiply-adds per second of each."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(batch, channels, size, size, generator=gen).to(case.device)
+    if layout == 'channels_last':
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    weight = (torch.randn(channels, 1, kernel, kernel, generator=gen) / kernel).to(case.device)
+    weight.requires_grad_(True)
+    pad = dilation * (kernel // 2)
+
+    def forward() -> Tensor:
+        with autocast(case.device, case.dtype):
+            return F.conv2d(x, weight, padding=pad, dilation=dilation, groups=channels)
+
+    def forward_backward() -> None:
+        forward().float().sum().backward()
+
+    def no_grad_forward() -> None:
+        with torch.no_grad():
+            forward()
+
+    macs = batch * channels * size * size * kernel * kernel
+    row = dict(channels=channels, size=size, kernel=kernel, dilation=dilation, layout=layout,
+               batch=batch, status='ok')
+    for name, fn, passes in (('fwd', no_grad_forward, 1), ('fwd_bwd', forward_backward, 3)):
+        timing = time_callable(fn, iters=case.iters, warmup=max(case.warmup, 1),
+                               device=case.device)
+        row[f'{name}_ms'] = timing.median * 1e3
+        row[f'{name}_gmacs'] = passes * macs / timing.median / 1e9
+    return row
+
+
+def depthwise_section(report: Report, case: Case, settings: dict[str, Any]) -> None:
+    """OverLoCK-T's depthwise convolutions, channels-last (as ours runs them) and NCHW."""
+    section = 'depthwise'
+    batch = settings['batch']
+    report.note(section, f'F.conv2d with groups = channels, batch {batch}, '
+                f'{settings["image_size"]}x{settings["image_size"]} images\' stage maps, '
+                f'{settings["dtype"]} autocast; fwd_bwd counts 3 passes of multiply-adds '
+                '(forward, input gradient, weight gradient)')
+    for channels, size, kernel, dilation, stage in depthwise_cases(settings):
+        for layout in ('channels_last', 'NCHW'):
+            base = dict(stage=stage, channels=channels, size=size, kernel=kernel,
+                        dilation=dilation, layout=layout, batch=batch)
+            if report.out_of_time():
+                report.add(section, dict(base, status='skipped',
+                                         error=f'budget of {report.budget_s:g} s spent'))
+                continue
+            try:
+                row = dict(depthwise_row(case, batch, channels, size, kernel, dilation, layout),
+                           stage=stage)
+            except Exception as error:  # noqa: BLE001  (recorded; the run goes on)
+                row = dict(base, **error_fields(error))
+            report.add(section, row)
+    free_memory(case.device)
+
+
 def shared_weights(make: Callable[[], nn.Module],
                    state: dict[str, Tensor]) -> Callable[[], nn.Module]:
     """``make`` whose first model's weights go into ``state`` and into every later model.
@@ -911,6 +990,19 @@ def kernel_table(rows: list[dict], copy: Optional[dict]) -> list[str]:
     return lines
 
 
+def depthwise_table(rows: list[dict]) -> list[str]:
+    lines = ['| stage | C x H x W | kernel | dilation | layout | fwd ms | fwd GMAC/s | fwd+bwd ms '
+             '| fwd+bwd GMAC/s | status |', '|' + '---|' * 10]
+    for r in rows:
+        lines.append(
+            f"| {r.get('stage', '-')} | {r.get('channels')}x{r.get('size')}x{r.get('size')} | "
+            f"{r.get('kernel')} | {r.get('dilation')} | {r.get('layout')} | "
+            f"{fmt(r.get('fwd_ms'), '.3f')} | {fmt(r.get('fwd_gmacs'), '.0f')} | "
+            f"{fmt(r.get('fwd_bwd_ms'), '.3f')} | {fmt(r.get('fwd_bwd_gmacs'), '.0f')} | "
+            f"{r['status']} {r.get('error', '')} |")
+    return lines
+
+
 def profile_table(rows: list[dict]) -> list[str]:
     lines = ['| mode | kind | name | calls | ms | % of kernel time |', '|' + '---|' * 6]
     for r in rows:
@@ -973,6 +1065,8 @@ def markdown(data: dict[str, Any]) -> str:
             lines += throughput_table(rows, tables[key])
         elif key == 'profile':
             lines += profile_table(rows)
+        elif key == 'depthwise':
+            lines += depthwise_table(rows)
         elif key == 'copy_bandwidth':
             lines += ['| MiB | median ms | GB/s (read + write) | status |', '|---|---|---|---|']
             lines += [f"| {r['tensor_mib']} | {fmt(r.get('median_ms'), '.3f')} | "
@@ -1028,6 +1122,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                  ('kernel_bandwidth', partial(kernel_bandwidth, report, device, dtype,
                                               settings['kernel_runs'])),
                  ('profile', partial(profile_section, report, archs[0], case, settings)),
+                 ('depthwise', partial(depthwise_section, report, case, settings)),
                  ('classification', partial(classification, report, archs[0], case, settings)),
                  ('peers', partial(peers, report, device, dtype, settings)),
                  ('dense_training', partial(dense_training, report, case, settings))]

@@ -14,8 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'benchmarks' / 'gpu.py'
-SECTIONS = ['copy_bandwidth', 'kernel_bandwidth', 'profile', 'classification', 'peers',
-            'dense_training']
+SECTIONS = ['copy_bandwidth', 'kernel_bandwidth', 'profile', 'depthwise', 'classification',
+            'peers', 'dense_training']
 
 
 def load_gpu_benchmark():
@@ -117,6 +117,23 @@ def test_profile_splits_each_step_into_categories_and_kernels(quick_run: dict) -
     # without selective recomputation the backward recomputes nothing: fewer operators run
     calls = {r['mode']: r['calls'] for r in rows if r['kind'] == 'step'}
     assert calls['train, no recompute'] < calls['train']
+
+
+def test_depthwise_section_times_each_stage_in_both_layouts(quick_run: dict) -> None:
+    rows = quick_run['json']['sections']['depthwise']['rows']
+    cases = [(r['stage'], r['kernel'], r['dilation'], r['layout']) for r in rows]
+    # OverLoCK-T: large kernels 17 / 15 / 13 / 7, each with its most dilated 3x3 branch
+    expected = [(stage, k, d, layout)
+                for stage, pairs in ((1, [(17, 1), (3, 7), (3, 1)]), (2, [(15, 1), (3, 7), (3, 1)]),
+                                     (3, [(13, 1), (3, 5), (3, 1)]), (4, [(7, 1), (3, 3), (3, 1)]))
+                for k, d in pairs for layout in ('channels_last', 'NCHW')]
+    assert cases == expected
+    for r in rows:
+        assert r['status'] == 'ok', r
+        macs = r['batch'] * r['channels'] * r['size'] ** 2 * r['kernel'] ** 2
+        assert r['fwd_gmacs'] == pytest.approx(macs / (r['fwd_ms'] / 1e3) / 1e9)
+        assert r['fwd_bwd_gmacs'] == pytest.approx(3 * macs / (r['fwd_bwd_ms'] / 1e3) / 1e9)
+    assert '| 1 | 64x16x16 | 17 | 1 | channels_last |' in quick_run['md']
 
 
 def test_kernel_categories_by_name() -> None:
