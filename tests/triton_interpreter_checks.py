@@ -228,6 +228,8 @@ CASES: list[tuple[str, Callable[[], list[str]]]] = [
     # channel tiling: more channels than one tile (forward and value grad tile the channels, the
     # weight gradient loops over them)
     ('K=3 6x7 C=40', lambda: check_against_reference(1, 1, 6, 7, 40, 3)),
+    # the weight gradient's channel chunks within its segments of taps (K = 9: 8 + 1 taps a row)
+    ('K=9 9x10 C=40', lambda: check_against_reference(1, 1, 9, 10, 40, 9)),
     # half precision (float32 accumulation) and float64 (float64 accumulation)
     ('bf16 K=5 9x11', lambda: check_against_reference(2, 2, 9, 11, 8, 5, torch.bfloat16)),
     ('bf16 K=13 13x15 channels-last view', lambda: check_against_reference(

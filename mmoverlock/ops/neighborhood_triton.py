@@ -5,25 +5,38 @@ The op is the one of :mod:`mmoverlock.ops.neighborhood` (natten 0.17's ``na2d_av
 
     out[b, g, i, j, c] = sum_{u, v} attn[b, g, i, j, u * K + v] * value[b, g, s(i) + u, s(j) + v, c]
 
-Three kernels, none with atomics, each program owning the block of the output it writes:
+Three kernels, none with atomics, each program owning the block of the output it writes. All
+three work on ``(pixels, channels)`` tiles: ``BLOCK_P`` consecutive pixels of one (image, group)
+in row-major order over ``H * W`` (so blocks run across rows without idle lanes) x ``BLOCK_C``
+channels, a pixel's channels in one thread or a few neighbouring threads (read with 16-byte vector
+loads where the channel stride is 1 and the other strides and the channel count are multiples of
+16, as in the model's views). They accumulate in registers, tap after tap, and reduce across
+threads only where the math sums over channels (the weight gradient):
 
-- forward: a block of ``BLOCK_P`` pixels (row-major over ``H * W``, so blocks run across rows
-  without idle lanes) x ``BLOCK_C`` channels; the taps are walked in chunks of ``BLOCK_T``
-  consecutive taps, so the weights are read as ``(pixels, taps)`` tiles of contiguous memory (the
-  weights, ``K*K`` per pixel, are most of the bytes: 10x the values for OverLoCK's K = 13 and 16
-  channels per group); the values of each tap are a gather that the caches serve (every value is
-  read by ``K*K`` windows).
-- weight gradient: ``dattn[p, t] = sum_c dout[p, c] * value[window(p, t), c]``, the same tiles
-  reduced over the channels; written as ``(pixels, taps)`` tiles.
+- forward: a program owns a ``[BLOCK_P, BLOCK_C]`` output tile and walks the ``K*K`` taps (the
+  window rows in a loop, the ``K`` taps of a row unrolled so that their loads are independent),
+  each tap loading the ``[BLOCK_P]`` weights of that tap and the ``[BLOCK_P, BLOCK_C]`` values at
+  ``(s(y) + u, s(x) + v)`` and adding ``a[:, None] * v`` to the accumulator. The weights (``K*K``
+  per pixel, most of the bytes: 10x the values for OverLoCK's K = 13 and 16 channels per group) are
+  read one tap at a time per pixel, a pixel's taps lying in a few cache lines that the successive
+  taps reuse; the values are a gather that the caches serve (every value is read by ``K*K``
+  windows).
+- weight gradient: ``dattn[p, t] = sum_c dout[p, c] * value[window(p, t), c]``. The
+  ``[BLOCK_P, BLOCK_C]`` output-gradient tile is loaded once (once per window row and channel chunk
+  when the channels exceed ``BLOCK_C``); per tap a ``[BLOCK_P, BLOCK_C]`` value tile is multiplied
+  with it and summed over the channels only (within a thread and a few neighbouring lanes). The
+  sums of a window row are gathered into ``[BLOCK_P, BLOCK_T]`` tiles of ``BLOCK_T`` consecutive
+  taps (8, or ``K`` rounded up to a power of two when smaller) and each tile is stored whole, so a
+  warp writes runs of consecutive taps rather than one element per pixel, each in its own sector.
 - value gradient: the transpose of the forward (a scatter in its terms) written as a gather: for
   each value position ``(y, x)`` the pixels whose windows contain it form a rectangle
   ``[i_lo(y), i_hi(y)] x [j_lo(x), j_hi(x)]`` (``s`` is monotone), ``K`` long in the interior and up
   to ``K + K // 2`` at the borders where the clamped windows pile up; each such pixel ``(i, j)``
-  contributes ``attn[i, j, (y - s(i)) * K + (x - s(j))] * dout[i, j]``. A program (a block of
-  value positions x channels) walks the largest rectangle of its block row by row, the columns in
-  chunks of ``BLOCK_J`` (the power of two >= K), lanes outside a position's own rectangle masked.
-  Its weight reads are a gather (a source pixel's ``K`` taps of one row go to ``K`` neighbouring
-  positions, read together in one chunk), the output-gradient reads rows of channels.
+  contributes ``attn[i, j, (y - s(i)) * K + (x - s(j))] * dout[i, j]``. A program owns a
+  ``[BLOCK_P, BLOCK_C]`` tile of value positions x channels and walks the largest rectangle of its
+  block, rows in a loop, columns in unrolled runs of ``BLOCK_J = K // 2 + 1`` (a lane outside its
+  own position's rectangle is masked), each step a ``[BLOCK_P]`` weight gather and a
+  ``[BLOCK_P, BLOCK_C]`` output-gradient load added to the accumulator.
 
 Operands may have any strides (OverLoCK passes channel-contiguous views of channels-last maps; the
 kernels read them in place, fastest when the channel stride is 1) and float32, bfloat16, float16 or
@@ -47,14 +60,19 @@ from torch import Tensor
 __all__ = ['na2d_av_triton', 'triton_interpreted']
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-#: Tile sizes (elements) of the forward's and weight gradient's ``(pixels, taps, channels)`` tiles
-#: and of the value gradient's ``(pixels, window columns, channels)`` tiles, with 8 warps a
-#: program: chosen from ptxas's register counts for sm_90 (Triton 3.8, K = 5, 7, 13, 16 channels,
-#: float32 and bfloat16: 40-77 registers a thread, no spills, i.e. 24-32 resident warps an SM for
-#: these gather-bound kernels; twice the tiles took 180-230 registers). Not yet timed on a GPU.
-_TAP_TILE = 4096
-_WINDOW_TILE = 2048
-_NUM_WARPS = 8
+#: Tile sizes. ``BLOCK_C``: the channels rounded up to a power of two, at most ``_MAX_BLOCK_C``;
+#: ``BLOCK_P``: enough pixels for one 16-byte vector of channels a thread of a ``_NUM_WARPS``-warp
+#: program (64 pixels for 16 bfloat16 channels, 32 for float32), within ``[_MIN_BLOCK_P,
+#: _MAX_BLOCK_P]``; ``BLOCK_T`` (weight gradient): at most ``_MAX_BLOCK_T`` taps a stored tile.
+#: Chosen from ptxas's resource report for sm_90 (Triton 3.8; K = 5, 7, 13, 17, 16 and 32
+#: channels, float32 and bfloat16, the model's channels-last views: 32-71 registers a thread, no
+#: spills, the value and output-gradient tiles read with 16-byte vector loads). Not yet timed on a
+#: GPU.
+_MAX_BLOCK_C = 32
+_MIN_BLOCK_P = 16
+_MAX_BLOCK_P = 128
+_MAX_BLOCK_T = 8
+_NUM_WARPS = 4
 
 
 @triton.jit
@@ -78,8 +96,7 @@ def _na_forward_kernel(
         attn_ptr, value_ptr, out_ptr, G, H, W, C, n_pblk, n_cblk,
         sa_b, sa_g, sa_h, sa_w, sa_t, sv_b, sv_g, sv_h, sv_w, sv_c,
         so_b, so_g, so_h, so_w, so_c,
-        K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-        ACC: tl.constexpr):
+        K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     b, g, pblk, cblk = _program_coordinates(n_pblk, n_cblk, G)
     attn_ptr += b * sa_b + g * sa_g
     value_ptr += b * sv_b + g * sv_g
@@ -89,26 +106,41 @@ def _na_forward_kernel(
     p_mask = p < H * W
     y = p // W
     x = p % W
-    sy = _window_start(y, H, K)
-    sx = _window_start(x, W, K)
     c = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    attn_pix = y * sa_h + x * sa_w
-    value_ch = (c * sv_c)[None, None, :]
+    mask = p_mask[:, None] & (c < C)[None, :]
+    # each pixel's weights (tap 0) and the first value of its window (tap (0, 0))
+    a_pix = attn_ptr + y * sa_h + x * sa_w
+    v_win = value_ptr + (_window_start(y, H, K) * sv_h + _window_start(x, W, K) * sv_w)[:, None] \
+        + (c * sv_c)[None, :]
 
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    for t0 in range(0, K * K, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        m2 = p_mask[:, None] & (t < K * K)[None, :]
-        a = tl.load(attn_ptr + attn_pix[:, None] + (t * sa_t)[None, :], mask=m2, other=0.0)
-        rows = sy[:, None] + (t // K)[None, :]
-        cols = sx[:, None] + (t % K)[None, :]
-        value_pix = (rows * sv_h + cols * sv_w)[:, :, None]
-        v = tl.load(value_ptr + value_pix + value_ch, mask=m2[:, :, None] & c_mask[None, None, :],
-                    other=0.0)
-        acc += tl.sum(a.to(ACC)[:, :, None] * v.to(ACC), axis=1)
+    for u in range(K):
+        a_row = a_pix + u * K * sa_t
+        v_row = v_win + u * sv_h
+        for v in tl.static_range(K):  # K independent load pairs per window row
+            a = tl.load(a_row + v * sa_t, mask=p_mask, other=0.0)
+            val = tl.load(v_row + v * sv_w, mask=mask, other=0.0)
+            acc += a.to(ACC)[:, None] * val.to(ACC)
     out = out_ptr + (y * so_h + x * so_w)[:, None] + (c * so_c)[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tap_dots(taps, gr, v_first, mask, sv_w, N: tl.constexpr, BLOCK_T: tl.constexpr,
+              ADD: tl.constexpr, ACC: tl.constexpr):
+    """``taps[:, v] (+)= sum_c gr[:, c] * value[r, x0 + v, c]`` for the first ``N`` of the
+    ``BLOCK_T`` taps of a segment (``v_first``: the ``(pixels, channels)`` pointers to
+    ``value[r, x0, c]``); ``ADD``: add to ``taps`` (a further channel chunk) rather than fill them.
+    """
+    tap = tl.arange(0, BLOCK_T)[None, :]
+    for v in tl.static_range(BLOCK_T):
+        if v < N:
+            val = tl.load(v_first + v * sv_w, mask=mask, other=0.0)
+            dot = tl.sum(gr * val.to(ACC), axis=1)[:, None]  # over the channels only
+            if ADD:
+                dot += taps
+            taps = tl.where(tap == v, dot, taps)
+    return taps
 
 
 @triton.jit
@@ -127,36 +159,31 @@ def _na_attn_grad_kernel(
     p_mask = p < H * W
     y = p // W
     x = p % W
-    sy = _window_start(y, H, K)
-    sx = _window_start(x, W, K)
-    grad_pix = (y * sg_h + x * sg_w)[:, None]
-    dattn_pix = (y * sd_h + x * sd_w)[:, None]
     c = tl.arange(0, BLOCK_C)
+    g_pix = grad_ptr + (y * sg_h + x * sg_w)[:, None]
+    v_win = value_ptr + (_window_start(y, H, K) * sv_h + _window_start(x, W, K) * sv_w)[:, None]
+    tap = tl.arange(0, BLOCK_T)
+    d_pix = dattn_ptr + (y * sd_h + x * sd_w)[:, None] + (tap * sd_t)[None, :]
     if ONE_CHUNK:  # all channels in one tile: read the output gradient once
-        gr = tl.load(grad_ptr + grad_pix + (c * sg_c)[None, :],
-                     mask=p_mask[:, None] & (c < C)[None, :], other=0.0).to(ACC)
+        mask = p_mask[:, None] & (c < C)[None, :]
+        gr = tl.load(g_pix + (c * sg_c)[None, :], mask=mask, other=0.0).to(ACC)
+        v_win += (c * sv_c)[None, :]
 
-    for t0 in range(0, K * K, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        m2 = p_mask[:, None] & (t < K * K)[None, :]
-        rows = sy[:, None] + (t // K)[None, :]
-        cols = sx[:, None] + (t % K)[None, :]
-        value_pix = (rows * sv_h + cols * sv_w)[:, :, None]
-        if ONE_CHUNK:
-            v = tl.load(value_ptr + value_pix + (c * sv_c)[None, None, :],
-                        mask=m2[:, :, None] & (c < C)[None, None, :], other=0.0)
-            acc = tl.sum(gr[:, None, :] * v.to(ACC), axis=2)
-        else:
-            acc = tl.zeros([BLOCK_P, BLOCK_T], dtype=ACC)
-            for c0 in range(0, C, BLOCK_C):
-                cc = c0 + c
-                gr = tl.load(grad_ptr + grad_pix + (cc * sg_c)[None, :],
-                             mask=p_mask[:, None] & (cc < C)[None, :], other=0.0)
-                v = tl.load(value_ptr + value_pix + (cc * sv_c)[None, None, :],
-                            mask=m2[:, :, None] & (cc < C)[None, None, :], other=0.0)
-                acc += tl.sum(gr.to(ACC)[:, None, :] * v.to(ACC), axis=2)
-        tl.store(dattn_ptr + dattn_pix + (t * sd_t)[None, :], acc.to(dattn_ptr.dtype.element_ty),
-                 mask=m2)
+    for u in range(K):  # window rows
+        for v0 in tl.static_range(0, K, BLOCK_T):  # segments of BLOCK_T taps, each stored whole
+            taps = tl.zeros([BLOCK_P, BLOCK_T], dtype=ACC)
+            v_first = v_win + u * sv_h + v0 * sv_w
+            if ONE_CHUNK:
+                taps = _tap_dots(taps, gr, v_first, mask, sv_w, K - v0, BLOCK_T, False, ACC)
+            else:
+                for c0 in range(0, C, BLOCK_C):
+                    cc = c0 + c
+                    mask = p_mask[:, None] & (cc < C)[None, :]
+                    gr = tl.load(g_pix + (cc * sg_c)[None, :], mask=mask, other=0.0).to(ACC)
+                    taps = _tap_dots(taps, gr, v_first + (cc * sv_c)[None, :], mask, sv_w,
+                                     K - v0, BLOCK_T, True, ACC)
+            tl.store(d_pix + (u * K + v0) * sd_t, taps.to(dattn_ptr.dtype.element_ty),
+                     mask=p_mask[:, None] & (tap < K - v0)[None, :])
 
 
 @triton.jit
@@ -177,8 +204,8 @@ def _na_value_grad_kernel(
     y = p // W
     x = p % W
     c = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    grad_ch = (c * sg_c)[None, None, :]
+    c_mask = (c < C)[None, :]
+    g_ch = grad_ptr + (c * sg_c)[None, :]
     # pixels i whose window [s(i), s(i) + K) holds y: s(i) in [y - K + 1, y]
     i_lo = tl.where(y - K + 1 <= 0, 0, y - K + 1 + K // 2)
     i_hi = tl.where(y >= H - K, H - 1, y + K // 2)
@@ -187,24 +214,22 @@ def _na_value_grad_kernel(
     n_i = tl.max(tl.where(p_mask, i_hi - i_lo + 1, 0), axis=0)
     n_j = tl.max(tl.where(p_mask, j_hi - j_lo + 1, 0), axis=0)
 
-    jj = tl.arange(0, BLOCK_J)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    for di in range(0, n_i):
+    for di in range(0, n_i):  # rectangle rows
         i = i_lo + di
         i_mask = p_mask & (i <= i_hi)
-        u = y - _window_start(i, H, K)
-        for dj0 in range(0, n_j, BLOCK_J):
-            j = j_lo[:, None] + dj0 + jj[None, :]  # (pixels, BLOCK_J)
-            m = i_mask[:, None] & (j <= j_hi[:, None])
-            v = x[:, None] - _window_start(j, W, K)
-            a = tl.load(attn_ptr + (i * sa_h + u * K * sa_t)[:, None] + j * sa_w + v * sa_t,
-                        mask=m, other=0.0)
-            src = (i * sg_h)[:, None] + j * sg_w
-            gr = tl.load(grad_ptr + src[:, :, None] + grad_ch,
-                         mask=m[:, :, None] & c_mask[None, None, :], other=0.0)
-            acc += tl.sum(a.to(ACC)[:, :, None] * gr.to(ACC), axis=1)
+        a_row = attn_ptr + i * sa_h + (y - _window_start(i, H, K)) * K * sa_t
+        g_row = g_ch + (i * sg_h)[:, None]
+        for dj0 in range(0, n_j, BLOCK_J):  # rectangle columns, BLOCK_J at a time
+            for dj in tl.static_range(BLOCK_J):
+                j = j_lo + dj0 + dj
+                m = i_mask & (j <= j_hi)
+                a = tl.load(a_row + j * sa_w + (x - _window_start(j, W, K)) * sa_t, mask=m,
+                            other=0.0)
+                gr = tl.load(g_row + (j * sg_w)[:, None], mask=m[:, None] & c_mask, other=0.0)
+                acc += a.to(ACC)[:, None] * gr.to(ACC)
     out = dvalue_ptr + (y * sd_h + x * sd_w)[:, None] + (c * sd_c)[None, :]
-    tl.store(out, acc.to(dvalue_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+    tl.store(out, acc.to(dvalue_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,12 +291,13 @@ def _programs(batch_groups: int, pixels: int, block_p: int, channels: int, block
     return n_pblk, n_cblk, (batch_groups * n_pblk * n_cblk,)
 
 
-def _tap_tile(kernel_size: int, channels: int, max_c: int) -> tuple[int, int, int]:
-    """``(BLOCK_P, BLOCK_T, BLOCK_C)`` of the ``(pixels, taps, channels)`` tiles."""
-    block_t = min(triton.next_power_of_2(kernel_size * kernel_size), 32)
-    block_c = min(triton.next_power_of_2(channels), max_c)
-    block_p = max(4, min(64, _TAP_TILE // (block_t * block_c)))
-    return block_p, block_t, block_c
+def _pixel_channel_tile(channels: int, dtype: torch.dtype) -> tuple[int, int]:
+    """``(BLOCK_P, BLOCK_C)`` of the ``(pixels, channels)`` tiles: about one 16-byte vector of
+    channels a thread."""
+    block_c = min(triton.next_power_of_2(channels), _MAX_BLOCK_C)
+    vector = 16 // dtype.itemsize
+    block_p = _NUM_WARPS * 32 * vector // block_c
+    return max(_MIN_BLOCK_P, min(_MAX_BLOCK_P, block_p)), block_c
 
 
 def _device_guard(t: Tensor):
@@ -282,13 +308,13 @@ def _device_guard(t: Tensor):
 def _forward(attn: Tensor, value: Tensor, k: int) -> Tensor:
     b, g, h, w, c = value.shape
     out = _empty_in_order_of(value, torch.promote_types(attn.dtype, value.dtype))
-    block_p, block_t, block_c = _tap_tile(k, c, 32)
+    block_p, block_c = _pixel_channel_tile(c, value.dtype)
     n_pblk, n_cblk, grid = _programs(b * g, h * w, block_p, c, block_c)
     with _device_guard(value):
         _na_forward_kernel[grid](
             attn, value, out, g, h, w, c, n_pblk, n_cblk,
             *attn.stride(), *value.stride(), *out.stride(),
-            K=k, BLOCK_P=block_p, BLOCK_T=block_t, BLOCK_C=block_c,
+            K=k, BLOCK_P=block_p, BLOCK_C=block_c,
             ACC=_acc_dtype(attn, value), num_warps=_NUM_WARPS)
     return out
 
@@ -296,29 +322,28 @@ def _forward(attn: Tensor, value: Tensor, k: int) -> Tensor:
 def _attn_grad(grad: Tensor, attn: Tensor, value: Tensor, k: int) -> Tensor:
     b, g, h, w, c = value.shape
     dattn = _empty_in_order_of(attn, attn.dtype)
-    block_p, block_t, block_c = _tap_tile(k, c, 32)
+    block_p, block_c = _pixel_channel_tile(c, value.dtype)
     n_pblk, _, grid = _programs(b * g, h * w, block_p, 1, 1)
     with _device_guard(value):
         _na_attn_grad_kernel[grid](
             grad, value, dattn, g, h, w, c, n_pblk,
             *grad.stride(), *value.stride(), *dattn.stride(),
-            K=k, BLOCK_P=block_p, BLOCK_T=block_t, BLOCK_C=block_c, ONE_CHUNK=c <= block_c,
-            ACC=_acc_dtype(grad, value), num_warps=_NUM_WARPS)
+            K=k, BLOCK_P=block_p, BLOCK_T=min(triton.next_power_of_2(k), _MAX_BLOCK_T),
+            BLOCK_C=block_c,
+            ONE_CHUNK=c <= block_c, ACC=_acc_dtype(grad, value), num_warps=_NUM_WARPS)
     return dattn
 
 
 def _value_grad(grad: Tensor, attn: Tensor, value: Tensor, k: int) -> Tensor:
     b, g, h, w, c = value.shape
     dvalue = _empty_in_order_of(value, value.dtype)
-    block_j = triton.next_power_of_2(k)
-    block_c = min(triton.next_power_of_2(c), 32)
-    block_p = max(4, min(64, _WINDOW_TILE // (block_j * block_c)))
+    block_p, block_c = _pixel_channel_tile(c, grad.dtype)
     n_pblk, n_cblk, grid = _programs(b * g, h * w, block_p, c, block_c)
     with _device_guard(value):
         _na_value_grad_kernel[grid](
             attn, grad, dvalue, g, h, w, c, n_pblk, n_cblk,
             *attn.stride(), *grad.stride(), *dvalue.stride(),
-            K=k, BLOCK_P=block_p, BLOCK_J=block_j, BLOCK_C=block_c,
+            K=k, BLOCK_P=block_p, BLOCK_J=k // 2 + 1, BLOCK_C=block_c,
             ACC=_acc_dtype(grad, attn), num_warps=_NUM_WARPS)
     return dvalue
 
