@@ -208,3 +208,25 @@ def test_route_does_not_materialise_unfolded_values(route: str) -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         neighborhood_aggregate(attn, value, backend=route)
     assert sum(saved) <= attn.numel() + value.numel()
+
+
+@pytest.mark.parametrize('limit', [2**31, 50])
+def test_block_diagonal_pattern_of_the_sparse_route(monkeypatch: pytest.MonkeyPatch,
+                                                    limit: int) -> None:
+    from mmoverlock.ops import neighborhood
+    monkeypatch.setattr(neighborhood, 'INT32_INDEX_LIMIT', limit)
+    neighborhood._block_diagonal_pattern_cpu.cache_clear()
+    h, w, k, blocks = 4, 5, 3, 3
+    crow, col = neighborhood._block_diagonal_pattern_cpu(h, w, k, blocks)
+    assert crow.dtype == col.dtype == (torch.int32 if limit == 2**31 else torch.int64)
+    pixels = h * w
+    one_crow, one_col, *_ = neighborhood._sparse_pattern_cpu(h, w, k)
+    one = torch.sparse_csr_tensor(one_crow, one_col, torch.ones(one_col.numel()),
+                                  size=(pixels, pixels), check_invariants=True).to_dense()
+    whole = torch.sparse_csr_tensor(crow, col, torch.ones(col.numel()),
+                                    size=(blocks * pixels, blocks * pixels),
+                                    check_invariants=True).to_dense()
+    assert torch.equal(whole, torch.block_diag(*[one] * blocks))
+    # built once per shape
+    assert neighborhood._block_diagonal_pattern_cpu(h, w, k, blocks)[1] is col
+    neighborhood._block_diagonal_pattern_cpu.cache_clear()

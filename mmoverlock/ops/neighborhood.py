@@ -81,6 +81,8 @@ BANDED_MAX_WIDTH_RATIO = 5
 #: it was 1.4-34x slower than the fastest route on every wider map measured
 #: (``benchmarks/results/routes_neighborhood.md``).
 BANDED_MEASURE_MAX_WIDTH_RATIO = 10
+#: The sparse route's CSR indices are int32 below this many entries, int64 from there on.
+INT32_INDEX_LIMIT = 2**31
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,20 +323,32 @@ def _consume_csr_beta_warning() -> None:
 def _sparse_forward(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
     """``A @ V`` of :class:`_SparseAggregate` (float32 / float64 operands of one dtype)."""
     b, g, h, w, c = value.shape
-    pixels, taps = h * w, kernel_size ** 2
-    _, col, *_ = _sparse_pattern_cpu(h, w, kernel_size)
+    pixels = h * w
     weights = attn.reshape(b * g, -1)  # rows of (pixel, tap), tap fastest
     values = value.reshape(b * g * pixels, c)
     # all (image, group) pairs as one block-diagonal matrix: one product instead of B*G
     # (a few hundred fewer operator calls per block, which selective recomputation
     # intercepts one by one); its column indices are the pattern's, offset per block
-    # 64-bit indices only where the entries of the whole batch overflow int32
-    index_dtype = col.dtype if b * g * pixels * taps < 2**31 else torch.int64
-    col = col.to(index_dtype)
-    offsets = torch.arange(0, b * g * pixels, pixels, dtype=index_dtype).view(-1, 1)
-    crow = torch.arange(0, b * g * pixels * taps + 1, taps, dtype=index_dtype)
-    matrix = _csr(crow, (col.view(1, -1) + offsets).view(-1), weights.view(-1), b * g * pixels)
+    crow, col = _block_diagonal_pattern_cpu(h, w, kernel_size, b * g)
+    matrix = _csr(crow, col, weights.view(-1), b * g * pixels)
     return torch.sparse.mm(matrix, values).view(b, g, h, w, c)
+
+
+@functools.lru_cache(maxsize=8)
+def _block_diagonal_pattern_cpu(height: int, width: int, kernel_size: int,
+                                blocks: int) -> tuple[Tensor, Tensor]:
+    """``(crow, col)`` of the block-diagonal matrix of ``blocks`` (image, group) pairs, each
+    block the pattern of :func:`_sparse_pattern_cpu` (its columns offset by the block's first
+    pixel). int32 indices, 64-bit only where the entries of all blocks overflow int32. Kept for
+    the few shapes a run sees (4 bytes per entry: 41 MB for OverLoCK-T's 13x13 kernels on two
+    800x1216 images), so that building them is not repeated on every call."""
+    _, col, *_ = _sparse_pattern_cpu(height, width, kernel_size)
+    pixels, taps = height * width, kernel_size ** 2
+    index_dtype = col.dtype if blocks * pixels * taps < INT32_INDEX_LIMIT else torch.int64
+    col = col.to(index_dtype)
+    offsets = torch.arange(0, blocks * pixels, pixels, dtype=index_dtype).view(-1, 1)
+    crow = torch.arange(0, blocks * pixels * taps + 1, taps, dtype=index_dtype)
+    return crow, (col.view(1, -1) + offsets).view(-1)
 
 
 def _sparse_backward(attn: Tensor, value: Tensor, grad_out: Tensor, kernel_size: int,
