@@ -7,13 +7,17 @@
   of the re-parameterisable blocks;
 - ContMix's neighbourhood aggregation, forward alone and forward + backward, by route of
   :func:`mmoverlock.ops.neighborhood_aggregate`: the CPU default (``sparse``), the two other
-  pure-PyTorch routes and the unfold baseline.
+  pure-PyTorch routes and the unfold baseline;
+- GELU on a channels-last map: ``F.gelu`` against :func:`mmoverlock.ops.gelu` (the contiguous
+  ``(N, H, W, C)`` view), forward and backward, on values of order 1 and on large values (where
+  PyTorch's non-contiguous kernel meets denormal intermediates).
 
 Channels-last float32 maps of a 2x3x512x512 training batch, median of ``--runs`` after a warm-up,
 in this process (``--threads`` intra-op threads, glibc malloc reusing freed memory as the tools
 do).
 
     python benchmarks/ops.py --threads 1 --out benchmarks/results/ops
+    python benchmarks/ops.py --sections gelu --out benchmarks/results/gelu
 """
 from __future__ import annotations
 
@@ -35,9 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from mmoverlock.ops import (  # noqa: E402
     depthwise_conv2d,
+    gelu,
     neighborhood_aggregate,
     pointwise_conv2d,
 )
+from mmoverlock.utils.benchmark import cpu_record  # noqa: E402
 from mmoverlock.utils.cpu_allocator import keep_freed_memory  # noqa: E402
 
 # (batch, in, out, size): the MLP and projection 1x1 convs of OverLoCK-T at 512x512 input
@@ -53,6 +59,10 @@ DEPTHWISE = [(2, 64, 128, 17, 1), (2, 64, 128, 9, 1), (2, 64, 128, 3, 3), (2, 12
 AGGREGATION = [(2, 8, (32, 32), 16, 13), (2, 8, (32, 32), 16, 5), (2, 16, (16, 16), 16, 7),
                (1, 8, (50, 76), 16, 13)]
 AGGREGATION_ROUTES = ('sparse', 'banded', 'taps', 'unfold')
+# (batch, channels, size): the GELU inputs of OverLoCK-T's MLPs (stage 1 and 3), 2x3x512x512 batch
+GELU_SHAPES = [(2, 256, 128), (2, 768, 32)]
+#: standard deviations of the GELU inputs: order 1, and large (many |x| > 13)
+GELU_SCALES = (1.0, 10.0)
 
 
 def median_ms(runs: int, step: Callable[..., object], *args: object, **kwargs: object) -> float:
@@ -141,34 +151,65 @@ def bench_aggregation(runs: int) -> list[dict]:
     return rows
 
 
+def bench_gelu(runs: int) -> list[dict]:
+    rows = []
+    for b, c, size in GELU_SHAPES:
+        for scale in GELU_SCALES:
+            x = channels_last(b, c, size, size, grad=True)
+            with torch.no_grad():
+                x.mul_(scale)
+            grad = channels_last(b, c, size, size)
+            rows.append({
+                'op': 'gelu', 'shape': f'{b}x{c}x{size}x{size}, std {scale:g}',
+                'pytorch_fwd_ms': median_ms(runs, forward, F.gelu, x),
+                'ours_fwd_ms': median_ms(runs, forward, gelu, x),
+                'pytorch_fwd_bwd_ms': median_ms(runs, forward_backward, F.gelu, grad, x),
+                'ours_fwd_bwd_ms': median_ms(runs, forward_backward, gelu, grad, x)})
+    return rows
+
+
+SECTIONS = {'pointwise': bench_pointwise, 'depthwise': bench_depthwise,
+            'aggregation': bench_aggregation, 'gelu': bench_gelu}
+
+
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, '',
-             '| 1x1 conv | PyTorch fwd | ours fwd | fwd GFLOP/s PyTorch / ours | PyTorch fwd+bwd '
-             '| ours fwd+bwd | speed-up fwd / fwd+bwd |', '|---|---|---|---|---|---|---|']
-    for r in rows:
-        if r['op'] == '1x1 conv':
-            lines.append(
-                f"| {r['shape']} | {r['pytorch_fwd_ms']:.1f} ms | {r['ours_fwd_ms']:.1f} ms | "
-                f"{r['gflops_fwd_pytorch']:.0f} / {r['gflops_fwd_ours']:.0f} | "
-                f"{r['pytorch_fwd_bwd_ms']:.1f} ms | {r['ours_fwd_bwd_ms']:.1f} ms | "
-                f"{r['pytorch_fwd_ms'] / r['ours_fwd_ms']:.1f}x / "
-                f"{r['pytorch_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.1f}x |")
-    lines += ['', '| depthwise conv | PyTorch fwd | ours fwd | PyTorch fwd+bwd | ours fwd+bwd '
-              '| speed-up fwd / fwd+bwd |', '|---|---|---|---|---|---|']
-    for r in rows:
-        if r['op'] == 'depthwise conv':
-            lines.append(f"| {r['shape']} | {r['fwd_ms']:.1f} ms | {r['ours_fwd_ms']:.1f} ms | "
-                         f"{r['pytorch_fwd_bwd_ms']:.1f} ms | {r['ours_fwd_bwd_ms']:.1f} ms | "
-                         f"{r['fwd_ms'] / r['ours_fwd_ms']:.1f}x / "
-                         f"{r['pytorch_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.1f}x |")
-    routes = ' | '.join(AGGREGATION_ROUTES)
-    lines += ['', f'| aggregation, fwd / fwd+bwd (ms) | {routes} |',
-              '|---|' + '---|' * len(AGGREGATION_ROUTES)]
-    for r in rows:
-        if r['op'] == 'aggregation':
-            cells = ' | '.join(f"{r[f'{route}_fwd_ms']:.1f} / {r[f'{route}_fwd_bwd_ms']:.1f}"
-                               for route in AGGREGATION_ROUTES)
-            lines.append(f"| {r['shape']} | {cells} |")
+    ops = {r['op'] for r in rows}
+    lines = [header]
+    if '1x1 conv' in ops:
+        lines += ['', '| 1x1 conv | PyTorch fwd | ours fwd | fwd GFLOP/s PyTorch / ours '
+                  '| PyTorch fwd+bwd | ours fwd+bwd | speed-up fwd / fwd+bwd |',
+                  '|---|---|---|---|---|---|---|']
+        lines += [f"| {r['shape']} | {r['pytorch_fwd_ms']:.1f} ms | {r['ours_fwd_ms']:.1f} ms | "
+                  f"{r['gflops_fwd_pytorch']:.0f} / {r['gflops_fwd_ours']:.0f} | "
+                  f"{r['pytorch_fwd_bwd_ms']:.1f} ms | {r['ours_fwd_bwd_ms']:.1f} ms | "
+                  f"{r['pytorch_fwd_ms'] / r['ours_fwd_ms']:.1f}x / "
+                  f"{r['pytorch_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.1f}x |"
+                  for r in rows if r['op'] == '1x1 conv']
+    if 'depthwise conv' in ops:
+        lines += ['', '| depthwise conv | PyTorch fwd | ours fwd | PyTorch fwd+bwd | ours fwd+bwd '
+                  '| speed-up fwd / fwd+bwd |', '|---|---|---|---|---|---|']
+        lines += [f"| {r['shape']} | {r['fwd_ms']:.1f} ms | {r['ours_fwd_ms']:.1f} ms | "
+                  f"{r['pytorch_fwd_bwd_ms']:.1f} ms | {r['ours_fwd_bwd_ms']:.1f} ms | "
+                  f"{r['fwd_ms'] / r['ours_fwd_ms']:.1f}x / "
+                  f"{r['pytorch_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.1f}x |"
+                  for r in rows if r['op'] == 'depthwise conv']
+    if 'aggregation' in ops:
+        routes = ' | '.join(AGGREGATION_ROUTES)
+        lines += ['', f'| aggregation, fwd / fwd+bwd (ms) | {routes} |',
+                  '|---|' + '---|' * len(AGGREGATION_ROUTES)]
+        for r in rows:
+            if r['op'] == 'aggregation':
+                cells = ' | '.join(f"{r[f'{route}_fwd_ms']:.1f} / {r[f'{route}_fwd_bwd_ms']:.1f}"
+                                   for route in AGGREGATION_ROUTES)
+                lines.append(f"| {r['shape']} | {cells} |")
+    if 'gelu' in ops:
+        lines += ['', '| GELU, channels-last | F.gelu fwd | ours fwd | F.gelu fwd+bwd '
+                  '| ours fwd+bwd | speed-up fwd / fwd+bwd |', '|---|---|---|---|---|---|']
+        lines += [f"| {r['shape']} | {r['pytorch_fwd_ms']:.1f} ms | {r['ours_fwd_ms']:.1f} ms | "
+                  f"{r['pytorch_fwd_bwd_ms']:.1f} ms | {r['ours_fwd_bwd_ms']:.1f} ms | "
+                  f"{r['pytorch_fwd_ms'] / r['ours_fwd_ms']:.1f}x / "
+                  f"{r['pytorch_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.1f}x |"
+                  for r in rows if r['op'] == 'gelu']
     return '\n'.join(lines) + '\n'
 
 
@@ -176,20 +217,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--runs', type=int, default=5)
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--sections', nargs='+', choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'ops'))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     torch.manual_seed(0)
-    rows = (bench_pointwise(args.runs) + bench_depthwise(args.runs)
-            + bench_aggregation(args.runs))
+    rows = [row for name in args.sections for row in SECTIONS[name](args.runs)]
     command = 'python ' + ' '.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+    cpu = cpu_record()
     header = (f'Measured {time.strftime("%Y-%m-%d")} on {platform.machine()} '
               f'{os.cpu_count()} cores ({args.threads} threads), median of {args.runs} runs, '
-              f'torch {torch.__version__}.\nCommand: `{command}`')
+              f'torch {torch.__version__}.\nCPU: {cpu["cpu_model"]}; PyTorch CPU capability '
+              f'{cpu["cpu_capability"]}; oneDNN ISA limit {cpu["onednn_max_cpu_isa"]}.\n'
+              f'Command: `{command}`')
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps({'command': command, 'rows': rows}, indent=1))
+    out.with_suffix('.json').write_text(json.dumps({'command': command, 'cpu': cpu, 'rows': rows},
+                                                   indent=1))
     out.with_suffix('.md').write_text(markdown(rows, header))
     sys.stdout.write(markdown(rows, header))
 

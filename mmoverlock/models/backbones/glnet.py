@@ -17,6 +17,7 @@ from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
 from ...registry import register_model
+from ..layers.basic import GELU
 from ..layers.glnet_blocks import SLOT_INITS, GLNetStage, build_glnet_block
 from ..utils.image_batch import check_image_batch
 from ..utils.pretrained import (
@@ -266,7 +267,7 @@ class GLNet(DenseBackbone):
             return nn.Sequential(nn.Conv2d(3, dim, 4, 4), build_downsample_norm(norm, dim))
         return nn.Sequential(
             nn.Identity(),
-            nn.Conv2d(3, dim // 2, 3, 2, 1), build_downsample_norm(norm, dim // 2), nn.GELU(),
+            nn.Conv2d(3, dim // 2, 3, 2, 1), build_downsample_norm(norm, dim // 2), GELU(),
             nn.Conv2d(dim // 2, dim, 3, 2, 1), build_downsample_norm(norm, dim))
 
     @staticmethod

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import register_model
-from ..layers.basic import LayerScale, PointwiseConv2d
+from ..layers.basic import GELU, LayerScale, PointwiseConv2d
 from ..layers.dilated_reparam import DilatedReparamBlock
 from ..layers.overlock_blocks import DynamicConvBlock, RepConvBlock
 from ..utils.image_batch import check_image_batch
@@ -177,11 +177,11 @@ class OverLoCK(DenseBackbone):
         # Modules are registered in the order of the authors' state dicts.
         self.patch_embed1 = nn.Sequential(
             nn.Conv2d(3, dims[0] // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(dims[0] // 2),
-            nn.GELU(),
+            GELU(),
             nn.Conv2d(dims[0] // 2, dims[0] // 2, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(dims[0] // 2), nn.GELU(),
+            nn.BatchNorm2d(dims[0] // 2), GELU(),
             nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1, bias=False), nn.BatchNorm2d(dims[0]),
-            nn.GELU(),
+            GELU(),
             nn.Conv2d(dims[0], dims[0], 3, 1, 1, bias=False), nn.BatchNorm2d(dims[0]))
         for i in range(1, 4):
             self.add_module(f'patch_embed{i + 1}', nn.Sequential(*_bn_conv(dims[i - 1], dims[i])))

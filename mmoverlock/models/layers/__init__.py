@@ -1,8 +1,8 @@
-from .basic import GRN, LayerScale, PointwiseConv2d, ResDWConv, SqueezeExcite
+from .basic import GELU, GRN, LayerScale, PointwiseConv2d, ResDWConv, SqueezeExcite
 from .dilated_reparam import DilatedReparamBlock
 from .glnet_blocks import GLMixBlock, GLNetStage, MHABlock, MHANCHWBlock, MultiheadSelfAttention
 from .overlock_blocks import DynamicConvBlock, RepConvBlock
 
-__all__ = ['GRN', 'LayerScale', 'PointwiseConv2d', 'ResDWConv', 'SqueezeExcite',
+__all__ = ['GELU', 'GRN', 'LayerScale', 'PointwiseConv2d', 'ResDWConv', 'SqueezeExcite',
            'DilatedReparamBlock', 'DynamicConvBlock', 'RepConvBlock', 'GLMixBlock', 'GLNetStage',
            'MHABlock', 'MHANCHWBlock', 'MultiheadSelfAttention']

@@ -4,7 +4,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...ops import depthwise_conv2d, grn, pointwise_conv2d
+from ...ops import depthwise_conv2d, gelu, grn, pointwise_conv2d
+
+
+class GELU(nn.GELU):
+    """``nn.GELU`` (same arguments, no parameters) that computes channels-last maps on their
+    contiguous ``(N, H, W, C)`` view: :func:`mmoverlock.ops.gelu`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu(x, approximate=self.approximate)
 
 
 class LayerScale(nn.Module):
@@ -75,7 +83,7 @@ class SqueezeExcite(nn.Module):
         self.proj = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(channels, inner, 1),
-            nn.GELU(),
+            GELU(),
             nn.Conv2d(inner, channels, 1),
             nn.Sigmoid())
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 from torch import Tensor, nn
 
-from .basic import DepthwiseConv2d, PointwiseConv2d, ResDWConv
+from .basic import GELU, DepthwiseConv2d, PointwiseConv2d, ResDWConv
 
 #: Slot initialisation modes: pooled from the block input, or learned parameters.
 SLOT_INITS = ('ada_avgpool', 'param')
@@ -97,7 +97,7 @@ def conv_mlp(dim: int, mlp_ratio: float, mlp_dw: bool) -> nn.Sequential:
     return nn.Sequential(
         PointwiseConv2d(dim, hidden),
         ResDWConv(hidden, 3) if mlp_dw else nn.Identity(),
-        nn.GELU(),
+        GELU(),
         PointwiseConv2d(hidden, dim))
 
 

@@ -18,6 +18,7 @@ from ...ops import (
     relative_position_bias,
 )
 from .basic import (
+    GELU,
     GRN,
     DepthwiseConv2d,
     LayerScale,
@@ -63,7 +64,7 @@ class RepConvBlock(nn.Module):
             nn.BatchNorm2d(dim),
             SqueezeExcite(dim),
             PointwiseConv2d(dim, hidden),
-            nn.GELU(),
+            GELU(),
             ResDWConv(hidden, 3),
             GRN(hidden),
             PointwiseConv2d(hidden, dim),
@@ -162,7 +163,7 @@ class DynamicConvBlock(nn.Module):
         self.fusion = nn.Sequential(
             DepthwiseConv2d(width, 3),
             nn.BatchNorm2d(width),
-            nn.GELU(),
+            GELU(),
             PointwiseConv2d(width, dim),
             GRN(dim))
         self.weight_query = nn.Sequential(*_conv_bn(dim, dim // 2))
@@ -179,7 +180,7 @@ class DynamicConvBlock(nn.Module):
         self.norm2 = _ln(width)
         self.mlp = nn.Sequential(
             PointwiseConv2d(width, hidden),
-            nn.GELU(),
+            GELU(),
             ResDWConv(hidden, 3),
             GRN(hidden),
             PointwiseConv2d(hidden, width))
