@@ -102,9 +102,9 @@ def contmix_logits(query: Tensor, key: Tensor, proj_weight: Tensor, proj_bias: T
     q = query.reshape(b, groups, cq // groups, h * w)
     k = key.reshape(b, groups, cq // groups, -1)
     affinity = q.transpose(-1, -2) @ k  # (B, G, HW, R*R)
-    # weight_proj over the (group, pixel) rows: as a 1x1 convolution of the rows viewed as a
-    # channels-last (1, R*R, 1, rows) map it runs on oneDNN on the CPU (pointwise_conv2d), 2-3x
-    # faster than the BLAS product for these shapes (inner size 49; one-off, 1 thread)
+    # weight_proj over the (group, pixel) rows, as a 1x1 convolution of the rows viewed as a
+    # channels-last (1, R*R, 1, rows) map: pointwise_conv2d, whose CPU route (oneDNN or BLAS) is
+    # measured per shape (mmoverlock.ops.cpu_routes); which is faster depends on the row count
     rows = affinity.reshape(1, 1, -1, affinity.shape[-1]).permute(0, 3, 1, 2)
     logits = pointwise_conv2d(rows, proj_weight, proj_bias)  # (1, T, 1, rows)
     return logits.permute(0, 2, 3, 1).reshape(b, groups, h, w, -1)
