@@ -300,6 +300,8 @@ step imports 60 check_imports
 [ "$DRY" = 1 ] && echo "pytest: deselects $DET_AMP_TEST (needs mmcv's CUDA ops; run after the CUDA build, if it finishes)"
 [ "$DRY" = 0 ] && echo "pytest: $DET_AMP_TEST deselected (needs mmcv's CUDA ops; runs in step mmcv-cuda if that build finishes)" >>"$SUMMARY"
 step pytest "$(limit 240 "$BENCH_RESERVE")" run_pytest
+# each test's outcome and duration (printed as it ended, so also those of a run cut short)
+[ "$DRY" = 0 ] && grep -E '^\[ *[0-9.]+s\] ' "$LOG" | sed 's/^/  /' >>"$SUMMARY"
 if [ ${#BENCHES[@]} -eq 0 ]; then
   [ "$DRY" = 1 ] && echo "bench: no benchmarks/gpu.py or benchmarks/triton_bandwidth.py" \
     || record bench "skipped: no GPU benchmark file" 0

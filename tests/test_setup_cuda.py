@@ -292,7 +292,7 @@ STUB_PYTHON = r"""#!/usr/bin/env bash
 case " $* " in
   *cuda_toolchain.py*) printf '%s\n' CUDA_TOOLKIT=system ARCH_LIST=9.0 CUDA_HOME_SYSTEM=/opt/cuda \
                          "PLAN_REASON='CUDA ops for 9.0'" ;;
-  *" pytest "*) exit 3 ;;
+  *" pytest "*) echo '[    1.5s] tests/test_x.py::test_y (call): failed' >&2; exit 3 ;;
   *" wheel "*) [ "${FORCE_CUDA:-}" = 1 ] && sleep 2 ;;
 esac
 exit 0
@@ -349,6 +349,8 @@ def test_gpu_check_runs_every_step_and_records_each(tmp_path: Path) -> None:
                              f'MMCV_WITH_OPS=unset PYTHONPATH={site}-cuda:{site}:{repo} '
                              'TORCH_CUDA_ARCH_LIST=unset CUDA_HOME=unset'), det_call
     assert 'deselected (needs mmcv\'s CUDA ops' in summary
+    # the tests' outcomes as printed at once, in the summary (once: the pytest step's)
+    assert summary.count('  [    1.5s] tests/test_x.py::test_y (call): failed\n') == 1
     bench = next(c for c in calls if 'benchmarks/gpu.py' in c)
     # gpu.py ends its own cases 30 s before the step's timeout
     assert f'--out {out}/gpu --budget ' in bench
