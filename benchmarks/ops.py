@@ -172,27 +172,30 @@ SECTIONS = {'pointwise': bench_pointwise, 'depthwise': bench_depthwise,
             'aggregation': bench_aggregation, 'gelu': bench_gelu}
 
 
+def versus(theirs_fwd: float, ours_fwd: float, theirs_fwd_bwd: float, ours_fwd_bwd: float) -> str:
+    """The ``fwd | fwd+bwd`` cells of PyTorch and ours and the two speed-ups, as table cells."""
+    return (f"{theirs_fwd:.1f} ms | {ours_fwd:.1f} ms | {theirs_fwd_bwd:.1f} ms | "
+            f"{ours_fwd_bwd:.1f} ms | {theirs_fwd / ours_fwd:.1f}x / "
+            f"{theirs_fwd_bwd / ours_fwd_bwd:.1f}x")
+
+
 def markdown(rows: list[dict], header: str) -> str:
     ops = {r['op'] for r in rows}
     lines = [header]
     if '1x1 conv' in ops:
-        lines += ['', '| 1x1 conv | PyTorch fwd | ours fwd | fwd GFLOP/s PyTorch / ours '
+        lines += ['', '| 1x1 conv | fwd GFLOP/s PyTorch / ours | PyTorch fwd | ours fwd '
                   '| PyTorch fwd+bwd | ours fwd+bwd | speed-up fwd / fwd+bwd |',
                   '|---|---|---|---|---|---|---|']
-        lines += [f"| {r['shape']} | {r['pytorch_fwd_ms']:.1f} ms | {r['ours_fwd_ms']:.1f} ms | "
-                  f"{r['gflops_fwd_pytorch']:.0f} / {r['gflops_fwd_ours']:.0f} | "
-                  f"{r['pytorch_fwd_bwd_ms']:.1f} ms | {r['ours_fwd_bwd_ms']:.1f} ms | "
-                  f"{r['pytorch_fwd_ms'] / r['ours_fwd_ms']:.1f}x / "
-                  f"{r['pytorch_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.1f}x |"
+        lines += [f"| {r['shape']} | {r['gflops_fwd_pytorch']:.0f} / {r['gflops_fwd_ours']:.0f} | "
+                  + versus(r['pytorch_fwd_ms'], r['ours_fwd_ms'], r['pytorch_fwd_bwd_ms'],
+                           r['ours_fwd_bwd_ms']) + ' |'
                   for r in rows if r['op'] == '1x1 conv']
     if 'depthwise conv' in ops:
         lines += ['', '| depthwise conv | PyTorch fwd | ours fwd | PyTorch fwd+bwd | ours fwd+bwd '
                   '| speed-up fwd / fwd+bwd |', '|---|---|---|---|---|---|']
-        lines += [f"| {r['shape']} | {r['fwd_ms']:.1f} ms | {r['ours_fwd_ms']:.1f} ms | "
-                  f"{r['pytorch_fwd_bwd_ms']:.1f} ms | {r['ours_fwd_bwd_ms']:.1f} ms | "
-                  f"{r['fwd_ms'] / r['ours_fwd_ms']:.1f}x / "
-                  f"{r['pytorch_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.1f}x |"
-                  for r in rows if r['op'] == 'depthwise conv']
+        lines += [f"| {r['shape']} | " + versus(r['fwd_ms'], r['ours_fwd_ms'],
+                                                  r['pytorch_fwd_bwd_ms'], r['ours_fwd_bwd_ms'])
+                  + ' |' for r in rows if r['op'] == 'depthwise conv']
     if 'aggregation' in ops:
         routes = ' | '.join(AGGREGATION_ROUTES)
         lines += ['', f'| aggregation, fwd / fwd+bwd (ms) | {routes} |',
@@ -205,11 +208,9 @@ def markdown(rows: list[dict], header: str) -> str:
     if 'gelu' in ops:
         lines += ['', '| GELU, channels-last | F.gelu fwd | ours fwd | F.gelu fwd+bwd '
                   '| ours fwd+bwd | speed-up fwd / fwd+bwd |', '|---|---|---|---|---|---|']
-        lines += [f"| {r['shape']} | {r['pytorch_fwd_ms']:.1f} ms | {r['ours_fwd_ms']:.1f} ms | "
-                  f"{r['pytorch_fwd_bwd_ms']:.1f} ms | {r['ours_fwd_bwd_ms']:.1f} ms | "
-                  f"{r['pytorch_fwd_ms'] / r['ours_fwd_ms']:.1f}x / "
-                  f"{r['pytorch_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.1f}x |"
-                  for r in rows if r['op'] == 'gelu']
+        lines += [f"| {r['shape']} | " + versus(r['pytorch_fwd_ms'], r['ours_fwd_ms'],
+                                                  r['pytorch_fwd_bwd_ms'], r['ours_fwd_bwd_ms'])
+                  + ' |' for r in rows if r['op'] == 'gelu']
     return '\n'.join(lines) + '\n'
 
 
