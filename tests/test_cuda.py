@@ -135,3 +135,21 @@ def test_checkpoint_saved_on_gpu_loads_on_cpu(tmp_path: Path) -> None:
     with torch.no_grad():
         for a, b in zip(cpu_model(x), expected):
             assert_close_to_scale(a, b, FP32_REL, msg='output after the move')
+
+
+@pytest.mark.parametrize('index', [0, 1], ids=['overlock', 'glnet'])
+def test_training_step_does_not_block_the_host(index: int) -> None:
+    """After a first step (which builds the cached index tensors on the device), a training step
+    queues its kernels without waiting for the GPU: no blocking copy between host and device."""
+    name, model = _models()[index]
+    model = model.cuda().train()
+    x = torch.randn(2, 3, 96, 128, device='cuda')
+    sum(o.float().mean() for o in model(x)).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        outs = model(x)
+        sum(o.float().mean() for o in outs).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    assert all(o.is_cuda for o in outs), name

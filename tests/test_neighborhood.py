@@ -178,6 +178,21 @@ def test_relative_position_bias_definition() -> None:
                     assert torch.equal(bias[:, i, j, u * k + v], expected)
 
 
+def test_index_tensors_are_built_once_per_device() -> None:
+    """The gather indices are copied to a device once, not per call (a copy to a GPU blocks the
+    host); 'meta' stands in for a GPU here."""
+    first = neighborhood.window_index(9, 3, 'meta')
+    assert first.device.type == 'meta' and first.shape == (3, 9)
+    assert neighborhood.window_index(9, 3, torch.device('meta')) is first
+    assert neighborhood.bias_index(9, 3, 'meta') is neighborhood.bias_index(9, 3, 'meta')
+    assert torch.equal(neighborhood.window_index(9, 3), neighborhood.window_index(9, 3, 'cpu'))
+    rpb = torch.randn(2, 5, 5, device='meta')
+    assert relative_position_bias(rpb, 6, 7).shape == (2, 6, 7, 9)
+    calls = neighborhood._index_on.cache_info().misses
+    relative_position_bias(rpb, 6, 7)
+    assert neighborhood._index_on.cache_info().misses == calls
+
+
 def test_clear_errors_for_impossible_inputs() -> None:
     attn, value = inputs(1, 1, 4, 9, 2, 5)
     with pytest.raises(ValueError, match='at least as large as the kernel.*side of 4'):

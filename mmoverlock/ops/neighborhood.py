@@ -58,7 +58,7 @@ import functools
 import math
 import os
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,14 +110,37 @@ def _bias_index_cpu(length: int, kernel_size: int) -> Tensor:
     return starts[:, None] + taps[None, :] - idx[:, None] + kernel_size - 1
 
 
+@functools.lru_cache(maxsize=256)
+def _index_on(device: torch.device, build: Callable[..., Tensor], *args: int) -> Tensor:
+    """``build(*args)`` (a cached CPU index) copied to ``device`` once and kept there.
+
+    Copying a CPU tensor to a GPU is a blocking transfer: the host waits for the GPU to finish the
+    work queued before it. Done per call, the index copies of the blocks would stall the host
+    several times per forward; kept on the device, the forward queues its kernels without waiting.
+    The indices are never written to.
+    """
+    return build(*args).to(device)
+
+
+def _device_index(build: Callable[..., Tensor], device: torch.device | str, *args: int) -> Tensor:
+    device = torch.device(device)
+    if device.type == 'cpu':
+        return build(*args)
+    if device.index is None and device.type == 'cuda':
+        device = torch.device('cuda', torch.cuda.current_device())
+    return _index_on(device, build, *args)
+
+
 def window_index(length: int, kernel_size: int, device: torch.device | str = 'cpu') -> Tensor:
-    """``(K, L)`` tensor whose row ``u`` holds ``s(i) + u`` for every position ``i``."""
-    return _window_index_cpu(length, kernel_size).to(device)
+    """``(K, L)`` tensor whose row ``u`` holds ``s(i) + u`` for every position ``i`` (built once
+    per shape and device; not to be written to)."""
+    return _device_index(_window_index_cpu, device, length, kernel_size)
 
 
 def bias_index(length: int, kernel_size: int, device: torch.device | str = 'cpu') -> Tensor:
-    """``(L, K)`` index into a ``2K - 1`` bias axis: ``s(i) + u - i + K - 1``."""
-    return _bias_index_cpu(length, kernel_size).to(device)
+    """``(L, K)`` index into a ``2K - 1`` bias axis: ``s(i) + u - i + K - 1`` (built once per
+    shape and device; not to be written to)."""
+    return _device_index(_bias_index_cpu, device, length, kernel_size)
 
 
 def relative_position_bias(rpb: Tensor, height: int, width: int) -> Tensor:
@@ -128,7 +151,7 @@ def relative_position_bias(rpb: Tensor, height: int, width: int) -> Tensor:
     if rpb.dim() != 3 or rpb.shape[-1] != rpb.shape[-2] or rpb.shape[-1] % 2 == 0:
         raise ValueError(f'rpb must have shape (G, 2K-1, 2K-1), got {tuple(rpb.shape)}')
     k = (rpb.shape[-1] + 1) // 2
-    flat = _flat_bias_index_cpu(height, width, k).to(rpb.device)
+    flat = _device_index(_flat_bias_index_cpu, rpb.device, height, width, k)
     return rpb.flatten(1).index_select(1, flat).view(rpb.shape[0], height, width, k * k)
 
 
@@ -278,7 +301,7 @@ def _aggregate_banded(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
     """Row-wise banded matrix products (see module docstring); autograd does the backward."""
     b, g, h, w, c = value.shape
     k = kernel_size
-    index = _band_index_cpu(w, k).to(value.device).expand(b, g, h, w, k * k)
+    index = _device_index(_band_index_cpu, value.device, w, k).expand(b, g, h, w, k * k)
     band = attn.new_zeros(b, g, h, w, k * w).scatter(-1, index, attn)  # (.., W, K*W)
     rows = window_index(h, k, value.device).t().reshape(-1)  # s(i) + u, i-major
     value_rows = value.index_select(2, rows).reshape(b * g * h, k * w, c)
