@@ -32,6 +32,8 @@ MKL_ENABLE_INSTRUCTIONS=AVX2``, set before torch is imported); ``--isa avx512`` 
 AVX-512 without AMX; ``--isa native`` (default) removes those variables. ``--routes measure``
 (default) lets mmoverlock time its equivalent CPU routes the first time it sees a shape,
 ``--routes fixed`` takes their fixed defaults (``mmoverlock.ops.cpu_routes``).
+``--selective-cp`` sets ours' selective recomputation in training: ``all`` (default), ``none``
+or the block lists where it applies (OverLoCK's ``selective_cp``).
 
 Writes ``benchmarks/results/backbone.json``, ``.md`` and (with --plot-sizes) ``.png``. Both record
 the CPU model, PyTorch's CPU capability and oneDNN's ISA limit as the measuring processes saw
@@ -60,7 +62,8 @@ RESULTS = ROOT / 'benchmarks' / 'results'
 # ------------------------------------------------------------------------------------------------
 # Worker: one implementation, one mode, one shape, in its own process
 # ------------------------------------------------------------------------------------------------
-def build(impl: str, arch: str, deploy: bool, with_cp: bool = False):
+def build(impl: str, arch: str, deploy: bool, with_cp: bool = False,
+          selective_cp: bool | list[str] | None = None):
     import torch
     torch.manual_seed(0)
     if impl == 'swin':
@@ -72,7 +75,10 @@ def build(impl: str, arch: str, deploy: bool, with_cp: bool = False):
     # the baseline: the authors' aggregation route, PyTorch's own convolutions (forward and
     # backward), NCHW, plain autograd; the switches stay set for the rest of the process
     apply_route(impl)
-    model = OverLoCK(arch, with_cp=impl == 'ours' and with_cp, **route_kwargs(impl))
+    kwargs = route_kwargs(impl)
+    if impl == 'ours' and selective_cp is not None:
+        kwargs['selective_cp'] = selective_cp
+    model = OverLoCK(arch, with_cp=impl == 'ours' and with_cp, **kwargs)
     model.init_weights()
     if deploy:
         model.eval().reparameterize()
@@ -91,7 +97,7 @@ def worker(spec: dict) -> dict:
         from mmoverlock.utils.cpu_allocator import keep_freed_memory
         keep_freed_memory()
     model = build(spec['impl'], spec['arch'], spec['mode'] == 'deploy',
-                  with_cp=spec['mode'] == 'train-cp')
+                  with_cp=spec['mode'] == 'train-cp', selective_cp=spec.get('selective_cp'))
     batch, (h, w) = spec['batch'], spec['shape']
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
     times = []
@@ -145,6 +151,16 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(h), int(w or h)
 
 
+def selective_cp_arg(values: list[str]) -> bool | list[str]:
+    """``--selective-cp`` as OverLoCK's ``selective_cp``: ``all`` -> True, ``none`` -> False,
+    else the block-list names."""
+    if values == ['all']:
+        return True
+    if values == ['none']:
+        return False
+    return list(values)
+
+
 def gb(n: float) -> str:
     return f'{n / 2**30:.2f} GB'
 
@@ -165,7 +181,8 @@ def measure_pair(arch: str, mode: str, batch: int, shape: tuple[int, int], args,
         for impl in ('ours', 'baseline'):
             spec = dict(impl=impl, arch=arch, mode=mode, batch=batch, shape=shape,
                         runs=args.runs, threads=args.threads, malloc_tuning=args.malloc_tuning,
-                        isa=args.isa, routes=args.routes)
+                        isa=args.isa, routes=args.routes,
+                        selective_cp=selective_cp_arg(args.selective_cp))
             if mode not in TRAIN_MODES:
                 spec['save'] = os.path.join(tmp, f'{impl}.pt')
             results[impl] = run_worker(spec)
@@ -194,7 +211,8 @@ def cpu_meta(rows: list[dict], args) -> dict:
     capability, oneDNN's ISA limit, MKL's setting, the thread count and the route mode as the
     processes reported them (each distinct value, joined), and the options asked for."""
     records = [r[impl]['cpu'] for r in rows for impl in ('ours', 'baseline', 'swin') if impl in r]
-    meta: dict[str, Any] = dict(isa=args.isa, routes=args.routes)
+    meta: dict[str, Any] = dict(isa=args.isa, routes=args.routes,
+                                selective_cp=' '.join(args.selective_cp))
     for name in ('cpu_model', 'cpu_capability', 'onednn_max_cpu_isa', 'mkl_enable_instructions',
                  'threads', 'routes'):
         values = sorted({str(rec[name]) for rec in records})
@@ -208,7 +226,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"{meta.get('cpu_capability', '?')}; oneDNN ISA limit "
            f"{meta.get('onednn_max_cpu_isa', '?')}; MKL instructions "
            f"{meta.get('mkl_enable_instructions', '?')} (`--isa {meta.get('isa', 'native')}`); "
-           f"CPU routes: {meta.get('routes', 'measure')}. Route measuring: seconds each process "
+           f"CPU routes: {meta.get('routes', 'measure')}; ours' selective recomputation: "
+           f"{meta.get('selective_cp', 'all')}. Route measuring: seconds each process "
            'spent timing its CPU routes (in the warm-up run), and as a fraction of one timed run.')
     lines = [f"Measured {meta['date']} on {meta['machine']} ({meta['threads']} threads), "
              f"median of {meta['runs']} runs after one warm-up, peak RSS of a fresh process, "
@@ -271,6 +290,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--routes', choices=['measure', 'fixed'], default='measure',
                         help="mmoverlock's equivalent CPU routes: timed per shape (measure) or "
                         'their fixed defaults (mmoverlock.ops.cpu_routes)')
+    parser.add_argument('--selective-cp', nargs='+', default=['all'],
+                        help="ours' selective recomputation in training: all (the default), "
+                        'none, or the block lists where it applies (e.g. blocks1 blocks2 '
+                        'blocks3)')
     parser.add_argument('--plot-sizes', nargs='*', type=int, default=[])
     parser.add_argument('--out', default=str(RESULTS / 'backbone'))
     args = parser.parse_args(argv)

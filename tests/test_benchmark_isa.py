@@ -93,3 +93,16 @@ def test_cpu_record_reports_the_route_mode_and_cost() -> None:
         assert record['route_seconds'] > 0
     finally:
         cpu_routes.clear_routes()
+
+
+def test_selective_cp_option_reaches_ours_only() -> None:
+    backbone = load_backbone_benchmark()
+    assert backbone.selective_cp_arg(['all']) is True
+    assert backbone.selective_cp_arg(['none']) is False
+    assert backbone.selective_cp_arg(['blocks3', 'sub_blocks3']) == ['blocks3', 'sub_blocks3']
+    from mmoverlock.utils.benchmark import route
+    with route('ours'):  # build() sets the process-wide switches; restored afterwards
+        ours = backbone.build('ours', 'xt', False, selective_cp=['blocks3', 'sub_blocks3'])
+        assert ours.selective_cp == ('blocks3', 'sub_blocks3')
+        baseline = backbone.build('baseline', 'xt', False, selective_cp=['blocks3'])
+        assert baseline.selective_cp is False  # the baseline runs plain autograd

@@ -214,8 +214,9 @@ def test_channels_last_layout_changes_nothing_but_speed() -> None:
 
 
 @pytest.mark.parametrize('with_cp, selective_cp', [(True, False), ([1, 0, 1, 0, 2, 1], True),
-                                                  (False, True)],
-                         ids=['full', 'mixed', 'selective'])
+                                                  (False, True),
+                                                  ([1, 0, 0, 0, 0, 0], ['blocks3', 'sub_blocks3'])],
+                         ids=['full', 'mixed', 'selective', 'selective-lists'])
 def test_recomputation_gives_same_gradients_and_bn_statistics(with_cp, selective_cp) -> None:
     x = torch.randn(2, 3, 64, 64)
 
@@ -247,6 +248,32 @@ def test_stem_is_recomputed_in_training(selective_cp: bool, frozen_stages: int, 
     model.patch_embed1.register_forward_pre_hook(lambda *_: calls.append(1))
     random_loss(model(torch.randn(1, 3, 64, 64))).backward()
     assert len(calls) == runs  # forward, plus the recomputation in backward unless frozen
+
+
+def test_selective_recomputation_of_chosen_block_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmoverlock.models.backbones import overlock
+    model = OverLoCK(TINY, selective_cp=('blocks2', 'sub_blocks4')).train()
+    assert model.recomputes_selectively('blocks2') and not model.recomputes_selectively('blocks1')
+    seen = []
+
+    def spy(block, *args, selective=False):
+        seen.append((block, selective))
+        return block(*args)
+
+    monkeypatch.setattr(overlock, 'checkpoint_module', spy)
+    model(torch.randn(1, 3, 64, 64))
+    lists = {id(b): name for name in overlock.BLOCK_LISTS for b in getattr(model, name)}
+    chosen = {lists.get(id(block), 'other') for block, selective in seen if selective}
+    assert chosen == {'blocks2', 'sub_blocks4'}
+    # the stem follows blocks1: not recomputed here
+    assert all(block is not model.patch_embed1 for block, _ in seen)
+
+
+@pytest.mark.parametrize('value, error', [(('blocks5',), ValueError), ('blocks1', TypeError),
+                                          (1, TypeError)])
+def test_selective_cp_refuses_unknown_lists(value, error) -> None:
+    with pytest.raises(error, match='selective_cp'):
+        OverLoCK(TINY, selective_cp=value)
 
 
 def test_drop_path_rates_are_linear_over_all_blocks() -> None:

@@ -86,10 +86,15 @@ class OverLoCK(DenseBackbone):
         selective_cp: In training, keep only the outputs of dense convolutions and matrix
             products for backward (not those of 1x1 convs that widen a narrow map, see
             :func:`~mmoverlock.models.utils.recompute.save_dense_products`) and recompute the
-            cheap operators (depthwise convolutions, norms, activations) of every block not
-            covered by ``with_cp``; the stem is recomputed whole (also with ``with_cp``). Less
-            than half the training memory at a small cost in time; BatchNorm statistics are
-            updated once.
+            cheap operators (depthwise convolutions, norms, activations) of the blocks not
+            covered by ``with_cp``: ``True`` in every block list, ``False`` in none, or the
+            names of the block lists where it applies (a subset of ``blocks1, blocks2,
+            blocks3, blocks4, sub_blocks3, sub_blocks4``). Where ``blocks1`` is recomputed
+            (selectively or with ``with_cp``) the stem is recomputed whole. Less than half the
+            training memory at a cost in time; BatchNorm statistics are updated once. The
+            blocks at 1/16 and 1/32 scale (``blocks4``, ``sub_blocks3``, ``sub_blocks4``) hold
+            little memory for the time their recomputation takes: leaving them out trades
+            some memory for speed (figures in the README, "Speed and memory").
         deploy: Build the re-parameterised form (for ``*_reparam.pth`` checkpoints).
         with_out_norms: Add the output LayerNorms ``extra_norm`` (dense prediction). The ImageNet
             classifier has none.
@@ -143,7 +148,7 @@ class OverLoCK(DenseBackbone):
                  norm_eval: bool = False,
                  drop_path_rate: float = 0.0,
                  with_cp: Union[bool, Sequence[int]] = False,
-                 selective_cp: bool = True,
+                 selective_cp: Union[bool, Sequence[str]] = True,
                  deploy: bool = False,
                  with_out_norms: bool = True,
                  channels_last: bool = True,
@@ -165,7 +170,7 @@ class OverLoCK(DenseBackbone):
             raise ValueError(f'frozen_stages must be in [-1, 4], got {frozen_stages}')
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.selective_cp = selective_cp
+        self.selective_cp = self.check_selective_cp(selective_cp)
         self.deploy = deploy
 
         depth, sub_depth = list(a['depth']), list(a['sub_depth'])
@@ -240,6 +245,27 @@ class OverLoCK(DenseBackbone):
                 raise ValueError(f'custom OverLoCK arch: {key} needs {n} values, got {arch[key]}')
         return {k: list(v) for k, v in arch.items()}
 
+    @staticmethod
+    def check_selective_cp(selective_cp: Union[bool, Sequence[str]]) -> Union[bool, tuple]:
+        """``selective_cp`` as a bool or a tuple of block-list names; unknown names refused."""
+        if isinstance(selective_cp, bool):
+            return selective_cp
+        if isinstance(selective_cp, str) or not isinstance(selective_cp, Sequence):
+            raise TypeError('selective_cp must be a bool or a sequence of block-list names '
+                            f'out of {list(BLOCK_LISTS)}, got {selective_cp!r}')
+        unknown = [name for name in selective_cp if name not in BLOCK_LISTS]
+        if unknown:
+            raise ValueError(f'selective_cp: unknown block lists {unknown}; choose from '
+                             f'{list(BLOCK_LISTS)}')
+        return tuple(selective_cp)
+
+    def recomputes_selectively(self, name: str) -> bool:
+        """Whether the blocks of block list ``name`` run under selective recomputation in
+        training (those not covered by ``with_cp``)."""
+        if isinstance(self.selective_cp, bool):
+            return self.selective_cp
+        return name in self.selective_cp
+
     # ------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------
@@ -247,7 +273,7 @@ class OverLoCK(DenseBackbone):
         if self.training and torch.is_grad_enabled():
             if index < self.cp_counts[BLOCK_LISTS.index(name)]:
                 return checkpoint_module(block, *args)
-            if self.selective_cp:
+            if self.recomputes_selectively(name):
                 return checkpoint_module(block, *args, selective=True)
         return block(*args)
 
@@ -256,7 +282,7 @@ class OverLoCK(DenseBackbone):
         # last, so all it saves is alive at the training step's peak; recomputing it costs ~1% of
         # the step (OverLoCK-XT, 2x3x512x512, CPU: peak RSS 2.01 -> 1.85 GB in the benchmark runs
         # before and after it was added).
-        recompute = self.selective_cp or any(self.cp_counts)
+        recompute = self.recomputes_selectively('blocks1') or any(self.cp_counts)
         if (recompute and self.training and torch.is_grad_enabled()
                 and any(p.requires_grad for p in self.patch_embed1.parameters())):
             return checkpoint_module(self.patch_embed1, x)
