@@ -116,17 +116,21 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(peak_rss_worker(json.loads(args.worker))))
         return
     from mmoverlock.ops.cpu_routes import describe_cpu
+    # the memory workers first: Linux keeps a process's peak RSS across fork and exec, so they
+    # must start from this process before it has run a model
+    peaks = {(arch, name): peak_rss(dict(arch=arch, setting=name, size=args.size,
+                                         batch=args.batch, threads=args.threads))
+             for arch in args.archs for name in SETTINGS}
     rows = []
     for arch in args.archs:
         times = interleaved_times(arch, args.size, args.batch, args.rounds, args.threads)
         base = statistics.median(times['all'])
-        peaks = {name: peak_rss(dict(arch=arch, setting=name, size=args.size, batch=args.batch,
-                                     threads=args.threads)) for name in SETTINGS}
         for name in SETTINGS:
             median = statistics.median(times[name])
             rows.append(dict(arch=arch, size=args.size, batch=args.batch, setting=name,
                              times=times[name], median_s=median, time_ratio=median / base,
-                             peak_rss=peaks[name], memory_ratio=peaks[name] / peaks['all']))
+                             peak_rss=peaks[arch, name],
+                             memory_ratio=peaks[arch, name] / peaks[arch, 'all']))
     meta = dict(date=time.strftime('%Y-%m-%d'), threads=args.threads, rounds=args.rounds,
                 command='python ' + ' '.join([os.path.relpath(__file__, ROOT)]
                                              + (sys.argv[1:] if argv is None else argv)),
