@@ -282,12 +282,14 @@ def test_gpu_check_refuses_a_missing_bundle_and_bad_options(tmp_path: Path) -> N
 # Logs each call with the variables that matter; prints a CUDA plan of the system toolkit for
 # tools/cuda_toolchain.py; the CUDA build takes 2 s (it runs in the background); pytest fails.
 STUB_PYTHON = r"""#!/usr/bin/env bash
-{ printf 'CALL'; printf ' %q' "$@"
+# the line is formed first and appended in one write: the background CUDA build logs
+# concurrently with the other steps, and piecewise writes would interleave
+line=$(printf 'CALL'; printf ' %q' "$@"
   printf ' | FORCE_CUDA=%s CUDA_VISIBLE_DEVICES=%s MMCV_WITH_OPS=%s PYTHONPATH=%s' \
     "${FORCE_CUDA-unset}" "${CUDA_VISIBLE_DEVICES-unset}" "${MMCV_WITH_OPS-unset}" "${PYTHONPATH-}"
-  printf ' TORCH_CUDA_ARCH_LIST=%s CUDA_HOME=%s\n' \
-    "${TORCH_CUDA_ARCH_LIST-unset}" "${CUDA_HOME-unset}"
-} >>"$STUB_LOG"
+  printf ' TORCH_CUDA_ARCH_LIST=%s CUDA_HOME=%s' \
+    "${TORCH_CUDA_ARCH_LIST-unset}" "${CUDA_HOME-unset}")
+printf '%s\n' "$line" >>"$STUB_LOG"
 [ "${1:-}" = - ] && cat >/dev/null
 case " $* " in
   *cuda_toolchain.py*) printf '%s\n' CUDA_TOOLKIT=system ARCH_LIST=9.0 CUDA_HOME_SYSTEM=/opt/cuda \
