@@ -60,3 +60,50 @@ def test_module_uses_it() -> None:
     assert type(out.grad_fn).__name__ == '_GRNBackward'
     torch.testing.assert_close(out, convnext_v2_grn(x, module.gamma, module.beta),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('batch, with_bias', [(1, True), (2, True), (3, False)])
+def test_grn_then_1x1_conv_folded_at_inference(batch: int, with_bias: bool) -> None:
+    from mmoverlock.ops.grn import grn_pointwise_conv
+    from mmoverlock.ops.pointwise_conv import pointwise_conv2d
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 6, 5, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    gamma, beta = (torch.randn(1, 6, 1, 1, generator=gen) for _ in range(2))
+    weight = torch.randn(4, 6, 1, 1, generator=gen)
+    bias = torch.randn(4, generator=gen) if with_bias else None
+    with torch.no_grad():
+        expected = pointwise_conv2d(grn(x, gamma, beta), weight, bias)
+        got = grn_pointwise_conv(x, gamma, beta, 1e-6, weight, bias)
+    assert got.shape == expected.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, expected)  # the fold ran (its rounding differs)
+    # with autograd (training), and on NCHW maps: the two operations as they are
+    x.requires_grad_()
+    torch.testing.assert_close(grn_pointwise_conv(x, gamma, beta, 1e-6, weight, bias),
+                               pointwise_conv2d(grn(x, gamma, beta), weight, bias),
+                               rtol=0, atol=0)
+    with torch.no_grad():
+        plain = x.detach().contiguous()
+        assert torch.equal(grn_pointwise_conv(plain, gamma, beta, 1e-6, weight, bias),
+                           pointwise_conv2d(grn(plain, gamma, beta), weight, bias))
+
+
+def test_inference_fused_sequential() -> None:
+    from mmoverlock.models.layers.basic import InferenceFusedSequential, PointwiseConv2d
+    torch.manual_seed(0)
+    seq = InferenceFusedSequential(PointwiseConv2d(4, 8), GRN(8), PointwiseConv2d(8, 4))
+    torch.nn.init.normal_(seq[1].gamma)
+    torch.nn.init.normal_(seq[1].beta)
+    plain = torch.nn.Sequential(*seq)
+    assert list(seq.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(seq(x), plain(x), rtol=1e-5, atol=1e-5)
+        calls = []
+        handle = seq[1].register_forward_hook(lambda *_: calls.append(1))
+        hooked = seq(x)
+        handle.remove()
+        assert calls == [1]  # a hooked GRN runs as a module: the hook sees it
+        assert torch.equal(hooked, plain(x))
+    assert torch.equal(seq(x), plain(x))  # training / autograd: nn.Sequential itself

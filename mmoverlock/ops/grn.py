@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 from torch.amp import custom_bwd, custom_fwd
 
-from .depthwise_conv import in_param_layout, memory_format_of
+from .depthwise_conv import in_param_layout, memory_format_of, running_as_defined
+from .pointwise_conv import pointwise_conv2d
 
-__all__ = ['grn']
+__all__ = ['grn', 'grn_pointwise_conv']
 
 _MIN_SQUARE_SUM = 1e-24  # keeps the gradient finite for an all-zero channel
 
@@ -89,3 +90,42 @@ def grn(x: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-6) -> Tensor:
     """
     return _GRN.apply(x, gamma, beta, eps)
 
+
+
+def grn_pointwise_conv(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, weight: Tensor,
+                       bias: Tensor | None) -> Tensor:
+    """``conv1x1(grn(x, gamma, beta, eps), weight, bias)`` without forming GRN's output.
+
+    GRN scales each (image, channel) of ``x`` by ``s = 1 + gamma * n`` and adds ``beta``; a 1x1
+    convolution after it is linear, so ``W (s * x + beta) + b = (W diag(s)) x + (W beta + b)``:
+    the scale goes into the weight (per image) and ``beta`` into the bias, and the map is read
+    once for GRN's statistics and once by the convolution instead of being scaled into a new
+    map in between. Used at inference (no autograd: the function is not differentiable through
+    the fold) on float32 CPU maps, not while operators are counted or traced
+    (:func:`~mmoverlock.ops.depthwise_conv.as_defined`, JIT, ``torch.compile``); elsewhere it is
+    the two operations one after the other. The results differ from them by float rounding only.
+
+    Args:
+        x: ``(B, C, H, W)`` map.
+        gamma, beta: GRN's ``(1, C, 1, 1)`` parameters; ``eps`` its epsilon.
+        weight: ``(O, C, 1, 1)`` weight of the convolution; ``bias``: ``(O,)`` or None.
+    """
+    if (torch.is_grad_enabled() or x.device.type != 'cpu' or x.dtype != torch.float32
+            or torch.is_autocast_enabled('cpu') or x.dim() != 4
+            or not x.is_contiguous(memory_format=torch.channels_last)
+            or running_as_defined() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        return pointwise_conv2d(grn(x, gamma, beta, eps), weight, bias)
+    b, c, h, w = x.shape
+    out_ch = weight.shape[0]
+    _, _, n = _response(x, eps)
+    scale = torch.addcmul(torch.ones_like(n), gamma, n).view(b, 1, c)  # s per (image, channel)
+    w2d = weight.view(out_ch, c)
+    folded_bias = w2d @ beta.view(c)
+    if bias is not None:
+        folded_bias = folded_bias + bias
+    if b == 1:
+        return pointwise_conv2d(x, (w2d * scale[0]).view(out_ch, c, 1, 1), folded_bias)
+    # per-image weights: one batched product over the pixel rows of the channels-last map
+    rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    out = torch.baddbmm(folded_bias.view(1, 1, out_ch), rows, (w2d * scale).transpose(1, 2))
+    return out.view(b, h, w, out_ch).permute(0, 3, 1, 2)

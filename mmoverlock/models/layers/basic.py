@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ...ops import depthwise_conv2d, gelu, grn, pointwise_conv2d
+from ...ops.grn import grn_pointwise_conv
 
 
 class GELU(nn.GELU):
@@ -137,3 +138,35 @@ def with_identity_tap(weight: Tensor) -> Tensor:
     delta = torch.zeros_like(weight)
     delta[..., centre, centre] = 1
     return weight + delta
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook would see ``module`` run (its own or a global one)."""
+    from torch.nn.modules import module as module_file
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module_file._global_forward_hooks or module_file._global_forward_pre_hooks)
+
+
+class InferenceFusedSequential(nn.Sequential):
+    """``nn.Sequential`` (same modules, same checkpoint keys) that at inference runs a
+    :class:`GRN` and the :class:`PointwiseConv2d` right after it as one operation
+    (:func:`mmoverlock.ops.grn.grn_pointwise_conv`: GRN's scale folded into the conv's weight).
+    In training, and where either module carries forward hooks, it is ``nn.Sequential``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        modules = list(self)
+        i = 0
+        while i < len(modules):
+            module = modules[i]
+            nxt = modules[i + 1] if i + 1 < len(modules) else None
+            if (type(module) is GRN and type(nxt) is PointwiseConv2d
+                    and not _hooked(module) and not _hooked(nxt)):
+                x = grn_pointwise_conv(x, module.gamma, module.beta, module.eps, nxt.weight,
+                                       nxt.bias)
+                i += 2
+            else:
+                x = module(x)
+                i += 1
+        return x

@@ -21,6 +21,7 @@ from .basic import (
     GELU,
     GRN,
     DepthwiseConv2d,
+    InferenceFusedSequential,
     LayerScale,
     PointwiseConv2d,
     ResDWConv,
@@ -58,7 +59,7 @@ class RepConvBlock(nn.Module):
         super().__init__()
         hidden = int(mlp_ratio * dim)
         self.dwconv = ResDWConv(dim, 3)
-        self.proj = nn.Sequential(
+        self.proj = InferenceFusedSequential(
             _ln(dim),
             DilatedReparamBlock(dim, kernel_size, deploy=deploy),
             nn.BatchNorm2d(dim),
@@ -178,7 +179,7 @@ class DynamicConvBlock(nn.Module):
         self.proj = nn.Sequential(nn.BatchNorm2d(dim), PointwiseConv2d(dim, width))
         self.dwconv2 = ResDWConv(width, 3)
         self.norm2 = _ln(width)
-        self.mlp = nn.Sequential(
+        self.mlp = InferenceFusedSequential(
             PointwiseConv2d(width, hidden),
             GELU(),
             ResDWConv(hidden, 3),
