@@ -1,6 +1,8 @@
 """Structural re-parameterisation of the dilated large-kernel block, piece by piece."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,7 +64,7 @@ def test_reparameterize_every_kernel_size(kernel_size: int) -> None:
     x = torch.randn(2, 6, kernel_size + 5, kernel_size + 2)
     expected = block(x).detach()  # with autograd: every branch and BN run separately
     with torch.no_grad():
-        merged_on_the_fly = block(x)  # inference: the equivalent kernel, built per call
+        merged_on_the_fly = block(x)  # inference: the equivalent kernel, built on the fly
         block.reparameterize()
         got = block(x)
     assert block.deploy and not hasattr(block, 'origin_bn')
@@ -87,3 +89,45 @@ def test_branches_run_separately_whenever_a_bn_uses_batch_statistics() -> None:
 def test_unknown_kernel_size() -> None:
     with pytest.raises(ValueError, match='supports kernel sizes'):
         DilatedReparamBlock(4, 21)
+
+
+def test_inference_kernel_is_kept_until_a_source_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    block = DilatedReparamBlock(4, 9).eval()
+    merges = []
+    original = DilatedReparamBlock.equivalent_kernel_bias
+
+    def counting(self):
+        merges.append(1)
+        return original(self)
+
+    monkeypatch.setattr(DilatedReparamBlock, 'equivalent_kernel_bias', counting)
+    x = torch.randn(1, 4, 12, 12)
+
+    def infer() -> torch.Tensor:
+        with torch.no_grad():
+            return block(x)
+
+    def fresh() -> torch.Tensor:  # a copy with autograd: branches one by one, no cache
+        return copy.deepcopy(block)(x).detach()
+
+    first = infer()
+    assert torch.equal(infer(), first) and len(merges) == 1  # reused
+    with torch.no_grad():
+        block.dil_conv_k5_1.weight.add_(0.1)  # an optimizer step
+    assert torch.allclose(infer(), fresh(), atol=1e-5) and len(merges) == 2
+    block.train()
+    block(x)  # a training step updates the BN statistics
+    block.eval()
+    assert torch.allclose(infer(), fresh(), atol=1e-5) and len(merges) == 3
+    infer()
+    state = {k: v + 0.05 if v.is_floating_point() else v for k, v in block.state_dict().items()}
+    block.load_state_dict(state)  # in place: new versions
+    assert torch.allclose(infer(), fresh(), atol=1e-5) and len(merges) == 4
+    block.double()
+    assert infer_dtype(block, x.double()) == torch.float64 and len(merges) == 5
+
+
+def infer_dtype(block: DilatedReparamBlock, x: torch.Tensor) -> torch.dtype:
+    with torch.no_grad():
+        return block(x).dtype

@@ -109,9 +109,12 @@ class DilatedReparamBlock(nn.Module):
         if self.deploy:
             return depthwise_conv2d(x, self.lk_origin.weight, self.lk_origin.bias)
         if self._merge_at_inference():
-            # In eval mode the branches and their BNs are one linear map: the deploy kernel,
-            # built on the fly (a few small ops), replaces 1 + len(branches) convs and BNs.
-            return depthwise_conv2d(x, *self.equivalent_kernel_bias())
+            # In eval mode the branches and their BNs are one linear map: the deploy kernel
+            # replaces 1 + len(branches) convs and BNs (built once, until a parameter changes).
+            return depthwise_conv2d(x, *self._inference_kernel_bias())
+        # a forward with batch statistics updates the BNs' running statistics in place, which
+        # PyTorch's batch norm does without counting a new version: drop the merged kernel
+        self.__dict__.pop('_merged', None)
         if self._fuse_in_training(x):
             return self._forward_fused(x)
         out = self.origin_bn(depthwise_conv2d(x, self.lk_origin.weight))
@@ -146,6 +149,27 @@ class DilatedReparamBlock(nn.Module):
         return conv_bn_sum(x, [c.weight for c in convs], dilations, [bn.weight for bn in bns],
                            [bn.bias for bn in bns], [bn.running_mean for bn in bns],
                            [bn.running_var for bn in bns], momenta, [bn.eps for bn in bns])
+
+    def _inference_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """:meth:`equivalent_kernel_bias`, kept until what it is made of changes: a parameter
+        or statistic updated in place (an optimizer step, a load), moved to another device or
+        dtype (the key: address, version, dtype and device of each), or a forward of this block
+        with batch statistics (:meth:`forward` drops it). The merge is some fifty small
+        operations, 1-2 % of an OverLoCK inference when redone per call. The cache holds the
+        tensors it was made from, so that their memory, and with it the addresses in the key,
+        cannot be reused while it stands."""
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self.equivalent_kernel_bias()
+        convs, bns, _ = self._branch_modules()
+        sources = [c.weight for c in convs] + [t for bn in bns for t in (
+            bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        cached = self.__dict__.get('_merged')
+        if cached is None or cached[0] != key:
+            kernel, bias = self.equivalent_kernel_bias()
+            self.__dict__['_merged'] = cached = (key, kernel, bias,
+                                                 [t.detach() for t in sources])
+        return cached[1], cached[2]
 
     def _merge_at_inference(self) -> bool:
         """Inference (no autograd) with every BN using its running statistics, outside
