@@ -194,10 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--goals', help='a benchmarks/backbone.py result (.json) to compare with')
     parser.add_argument('--out', default=str(RESULTS / 'dense_floor'))
     args = parser.parse_args(argv)
-    command = 'python ' + ' '.join([os.path.relpath(__file__, ROOT)]
-                                   + (sys.argv[1:] if argv is None else argv))
-
-    from mmoverlock.utils.benchmark import ISA_ENV_VARS, isa_environment
+    from mmoverlock.utils.benchmark import ISA_ENV_VARS, invocation, isa_environment, save_results
     env = isa_environment(args.isa)
     if any(os.environ.get(k) != env.get(k) for k in ISA_ENV_VARS):
         # the ISA variables act when torch loads: run again in a process that has them
@@ -217,14 +214,10 @@ def main(argv: list[str] | None = None) -> None:
             if (arch, mode) in goals:
                 row['goals'] = goals[(arch, mode)]
             rows.append(row)
-    meta = dict(date=time.strftime('%Y-%m-%d'), command=command, threads=args.threads,
-                runs=args.runs, isa=args.isa, goals_file=args.goals, **describe_cpu())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    text = markdown(rows, meta)
-    out.with_suffix('.md').write_text(text)
-    print(text)
+    meta = dict(date=time.strftime('%Y-%m-%d'), command=invocation(__file__, argv, ROOT),
+                threads=args.threads, runs=args.runs, isa=args.isa, goals_file=args.goals,
+                **describe_cpu())
+    save_results(args.out, meta, rows, markdown(rows, meta))
 
 
 if __name__ == '__main__':

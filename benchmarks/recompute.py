@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -116,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(peak_rss_worker(json.loads(args.worker))))
         return
     from mmoverlock.ops.cpu_routes import describe_cpu
+    from mmoverlock.utils.benchmark import invocation, save_results
     # the memory workers first: Linux keeps a process's peak RSS across fork and exec, so they
     # must start from this process before it has run a model
     peaks = {(arch, name): peak_rss(dict(arch=arch, setting=name, size=args.size,
@@ -132,15 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                              peak_rss=peaks[arch, name],
                              memory_ratio=peaks[arch, name] / peaks[arch, 'all']))
     meta = dict(date=time.strftime('%Y-%m-%d'), threads=args.threads, rounds=args.rounds,
-                command='python ' + ' '.join([os.path.relpath(__file__, ROOT)]
-                                             + (sys.argv[1:] if argv is None else argv)),
-                **describe_cpu())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    text = markdown(rows, meta)
-    out.with_suffix('.md').write_text(text)
-    print(text)
+                command=invocation(__file__, argv, ROOT), **describe_cpu())
+    save_results(args.out, meta, rows, markdown(rows, meta))
 
 
 if __name__ == '__main__':

@@ -30,14 +30,23 @@ TINY_SIZE = 64
 WIDTH = 32
 
 
+def _load_script(path: Path, module_name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_tool(name: str) -> ModuleType:
     """Import ``tools/<name>.py`` as a module (its ``main(argv)`` is then callable in-process)."""
     if str(TOOLS) not in sys.path:
         sys.path.insert(0, str(TOOLS))
-    spec = importlib.util.spec_from_file_location(f'mmoverlock_tool_{name}', TOOLS / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_script(TOOLS / f'{name}.py', f'mmoverlock_tool_{name}')
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` as a module (``main(argv)`` callable in-process)."""
+    return _load_script(REPO / 'benchmarks' / f'{name}.py', f'mmoverlock_benchmarks_{name}')
 
 
 def _runtime(max_iters: int) -> dict:

@@ -3,13 +3,13 @@ the instruction set asked for, and the result files say what they ran on (CPU mo
 CPU capability, oneDNN's ISA limit, threads, route mode, the seconds the route measuring cost)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import platform
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers import load_benchmark
 
 from mmoverlock.ops import cpu_routes
 from mmoverlock.utils.benchmark import ISA_ENV_VARS, cpu_record, isa_environment
@@ -18,11 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_backbone_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location('mmoverlock_benchmarks_backbone',
-                                                  ROOT / 'benchmarks' / 'backbone.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('backbone')
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ('x86_64', 'amd64'),

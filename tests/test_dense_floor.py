@@ -1,27 +1,21 @@
 """benchmarks/dense_floor.py: what it records and how it compares with the goals."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import torch
+from helpers import load_benchmark
 
 from mmoverlock.models.backbones.overlock import OverLoCK
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 32, 64, 96],
             kernel_size=[7, 7, 5, 5], sub_num_heads=[2, 2], mlp_ratio=[4, 4, 4, 4],
             sub_mlp_ratio=[3, 3])
 
 
-def load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location('mmoverlock_benchmarks_dense_floor',
-                                                  ROOT / 'benchmarks' / 'dense_floor.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load():
+    return load_benchmark('dense_floor')
 
 
 def test_records_every_dense_convolution_once_per_forward() -> None:

@@ -1,18 +1,14 @@
 """benchmarks/recompute.py: every setting measured, ratios against the default, a result file."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_benchmark
 
 
 def test_settings_times_and_memory(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location('mmoverlock_benchmarks_recompute',
-                                                  ROOT / 'benchmarks' / 'recompute.py')
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark('recompute')
     out = tmp_path / 'recompute'
     bench.main(['--archs', 'xt', '--size', '64', '--rounds', '1', '--out', str(out)])
     data = json.loads(out.with_suffix('.json').read_text())

@@ -3,6 +3,7 @@ the two implementations the benchmarks compare (ours and the authors' route), th
 limits a measuring process to an instruction set and what result files record about it."""
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
@@ -11,13 +12,14 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
 
 __all__ = ['IMPLEMENTATIONS', 'ISAS', 'ISA_ENV_VARS', 'Timing', 'apply_route', 'cpu_record',
-           'isa_environment', 'peak_memory', 'restore_route', 'route', 'route_kwargs',
-           'time_callable']
+           'invocation', 'isa_environment', 'peak_memory', 'restore_route', 'route',
+           'route_kwargs', 'save_results', 'time_callable']
 
 #: ``'ours'``: mmoverlock as shipped; ``'baseline'``: the same network run the way the authors'
 #: code runs it (see :func:`route_kwargs` and :func:`apply_route`).
@@ -237,3 +239,23 @@ def cpu_record() -> dict[str, Any]:
     return dict(cpu_routes.describe_cpu(), threads=torch.get_num_threads(),
                 routes=cpu_routes.get_mode(), route_seconds=stats['seconds'],
                 routes_measured=stats['measured'])
+
+
+# ------------------------------------------------------------------------------------------------
+# Result files
+# ------------------------------------------------------------------------------------------------
+def invocation(script: str, argv: Optional[list[str]], root: Path) -> str:
+    """The command line that ran ``script`` (a path; shown relative to ``root``), for a result
+    file: ``argv`` as passed to the script's ``main``, or this process's arguments if None."""
+    args = sys.argv[1:] if argv is None else argv
+    return 'python ' + ' '.join([os.path.relpath(script, root), *args])
+
+
+def save_results(out: Union[str, Path], meta: dict, rows: list, text: str) -> None:
+    """Write ``OUT.json`` (``meta`` and ``rows``) and ``OUT.md`` (``text``), creating the folder,
+    and print ``text``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix('.json').write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    out.with_suffix('.md').write_text(text)
+    print(text)
