@@ -155,9 +155,9 @@ class DilatedReparamBlock(nn.Module):
         or statistic updated in place (an optimizer step, a load), moved to another device or
         dtype (the key: address, version, dtype and device of each), or a forward of this block
         with batch statistics (:meth:`forward` drops it). The merge is some fifty small
-        operations, 1-2 % of an OverLoCK inference when redone per call. The cache holds the
-        tensors it was made from, so that their memory, and with it the addresses in the key,
-        cannot be reused while it stands."""
+        operations, not worth redoing per call. The cache holds the tensors it was made from,
+        so that their memory, and with it the addresses in the key, cannot be reused while it
+        stands."""
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self.equivalent_kernel_bias()
         convs, bns, _ = self._branch_modules()
