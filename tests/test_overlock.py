@@ -368,3 +368,26 @@ def test_timm_models_are_registered() -> None:
     model = timm.create_model('overlock_xt', num_classes=7).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+
+
+def test_training_after_inference_mode() -> None:
+    """Index tensors cached during a first call under torch.inference_mode() stay usable in a
+    training step (a tensor made in inference mode cannot be saved for backward)."""
+    from mmoverlock.ops import neighborhood
+    for cache in (neighborhood._window_index_cpu, neighborhood._bias_index_cpu,
+                  neighborhood._flat_bias_index_cpu, neighborhood._band_index_cpu,
+                  neighborhood._sparse_pattern_cpu, neighborhood._block_diagonal_pattern_cpu,
+                  neighborhood._index_on):
+        cache.cache_clear()  # so that the first call below builds them
+    model = OverLoCK(TINY).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        expected = model(x)
+    assert neighborhood._flat_bias_index_cpu.cache_info().currsize > 0
+    model.train()
+    random_loss(model(torch.randn(2, 3, 64, 96))).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        got = model.eval()(x)
+    # the training step changed the BN statistics; the shapes and the cached paths still agree
+    assert [o.shape for o in got] == [o.shape for o in expected]

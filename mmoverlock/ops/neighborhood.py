@@ -58,7 +58,7 @@ import functools
 import math
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,19 @@ INT32_INDEX_LIMIT = 2**31
 # ----------------------------------------------------------------------------------------------
 # Index arithmetic (pure functions, testable alone)
 # ----------------------------------------------------------------------------------------------
+def _cached_tensors(maxsize: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``functools.lru_cache`` for functions that build index tensors, the tensors built as
+    ordinary ones even when the first call comes under ``torch.inference_mode()``: a tensor made
+    there cannot be saved for a backward, and these are reused in training."""
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def build(*args: Any) -> Any:
+            with torch.inference_mode(False):
+                return fn(*args)
+        return functools.lru_cache(maxsize=maxsize)(build)
+    return decorate
+
+
 def window_starts(length: int, kernel_size: int) -> Tensor:
     """Start of each position's clamped window along one axis: ``clamp(i - K//2, 0, L - K)``."""
     _check_length(length, kernel_size)
@@ -95,13 +108,13 @@ def window_starts(length: int, kernel_size: int) -> Tensor:
     return (idx - kernel_size // 2).clamp(0, length - kernel_size)
 
 
-@functools.lru_cache(maxsize=256)
+@_cached_tensors(maxsize=256)
 def _window_index_cpu(length: int, kernel_size: int) -> Tensor:
     starts = window_starts(length, kernel_size)
     return starts[None, :] + torch.arange(kernel_size)[:, None]  # (K, L): s(i) + u
 
 
-@functools.lru_cache(maxsize=256)
+@_cached_tensors(maxsize=256)
 def _bias_index_cpu(length: int, kernel_size: int) -> Tensor:
     idx = torch.arange(length)
     starts = window_starts(length, kernel_size)
@@ -110,7 +123,7 @@ def _bias_index_cpu(length: int, kernel_size: int) -> Tensor:
     return starts[:, None] + taps[None, :] - idx[:, None] + kernel_size - 1
 
 
-@functools.lru_cache(maxsize=256)
+@_cached_tensors(maxsize=256)
 def _index_on(device: torch.device, build: Callable[..., Tensor], *args: int) -> Tensor:
     """``build(*args)`` (a cached CPU index) copied to ``device`` once and kept there.
 
@@ -155,7 +168,7 @@ def relative_position_bias(rpb: Tensor, height: int, width: int) -> Tensor:
     return rpb.flatten(1).index_select(1, flat).view(rpb.shape[0], height, width, k * k)
 
 
-@functools.lru_cache(maxsize=64)
+@_cached_tensors(maxsize=64)
 def _flat_bias_index_cpu(height: int, width: int, kernel_size: int) -> Tensor:
     """``(H*W*K*K,)`` index into a flattened ``(2K-1)**2`` bias table (one gather, no
     broadcasting advanced indexing: ~10x faster on CPU)."""
@@ -286,7 +299,7 @@ def _aggregate_taps(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
     return _NeighborhoodAggregate.apply(attn, value, kernel_size)
 
 
-@functools.lru_cache(maxsize=64)
+@_cached_tensors(maxsize=64)
 def _band_index_cpu(width: int, kernel_size: int) -> Tensor:
     """``(W, K*K)``: where tap ``(u, v)`` of output column ``j`` sits in a row of ``K`` stacked
     value rows of width ``W``: ``u * W + s(j) + v``."""
@@ -308,7 +321,7 @@ def _aggregate_banded(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
     return torch.bmm(band.view(b * g * h, w, k * w), value_rows).view(b, g, h, w, c)
 
 
-@functools.lru_cache(maxsize=32)
+@_cached_tensors(maxsize=32)
 def _sparse_pattern_cpu(height: int, width: int, kernel_size: int) -> tuple[Tensor, ...]:
     """CSR pattern of the ``(H*W, H*W)`` aggregation matrix of one (image, group) and of its
     transpose: ``(crow, col, t_crow, t_col, t_perm)``. Row ``p`` holds the ``K*K`` window pixels of
@@ -357,7 +370,7 @@ def _sparse_forward(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
     return torch.sparse.mm(matrix, values).view(b, g, h, w, c)
 
 
-@functools.lru_cache(maxsize=8)
+@_cached_tensors(maxsize=8)
 def _block_diagonal_pattern_cpu(height: int, width: int, kernel_size: int,
                                 blocks: int) -> tuple[Tensor, Tensor]:
     """``(crow, col)`` of the block-diagonal matrix of ``blocks`` (image, group) pairs, each
