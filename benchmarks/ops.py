@@ -179,6 +179,18 @@ def versus(theirs_fwd: float, ours_fwd: float, theirs_fwd_bwd: float, ours_fwd_b
             f"{theirs_fwd_bwd / ours_fwd_bwd:.1f}x")
 
 
+def versus_table(rows: list[dict], op: str, title: str, theirs: str,
+                 theirs_fwd_key: str) -> list[str]:
+    """A table of ``op``'s rows: shape, then :func:`versus` cells (PyTorch's forward time under
+    ``theirs_fwd_key``)."""
+    header = (f'| {title} | {theirs} fwd | ours fwd | {theirs} fwd+bwd | ours fwd+bwd '
+              '| speed-up fwd / fwd+bwd |')
+    return ['', header, '|---|---|---|---|---|---|'] + [
+        f"| {r['shape']} | " + versus(r[theirs_fwd_key], r['ours_fwd_ms'],
+                                      r['pytorch_fwd_bwd_ms'], r['ours_fwd_bwd_ms']) + ' |'
+        for r in rows if r['op'] == op]
+
+
 def markdown(rows: list[dict], header: str) -> str:
     ops = {r['op'] for r in rows}
     lines = [header]
@@ -191,11 +203,7 @@ def markdown(rows: list[dict], header: str) -> str:
                            r['ours_fwd_bwd_ms']) + ' |'
                   for r in rows if r['op'] == '1x1 conv']
     if 'depthwise conv' in ops:
-        lines += ['', '| depthwise conv | PyTorch fwd | ours fwd | PyTorch fwd+bwd | ours fwd+bwd '
-                  '| speed-up fwd / fwd+bwd |', '|---|---|---|---|---|---|']
-        lines += [f"| {r['shape']} | " + versus(r['fwd_ms'], r['ours_fwd_ms'],
-                                                  r['pytorch_fwd_bwd_ms'], r['ours_fwd_bwd_ms'])
-                  + ' |' for r in rows if r['op'] == 'depthwise conv']
+        lines += versus_table(rows, 'depthwise conv', 'depthwise conv', 'PyTorch', 'fwd_ms')
     if 'aggregation' in ops:
         routes = ' | '.join(AGGREGATION_ROUTES)
         lines += ['', f'| aggregation, fwd / fwd+bwd (ms) | {routes} |',
@@ -206,11 +214,7 @@ def markdown(rows: list[dict], header: str) -> str:
                                    for route in AGGREGATION_ROUTES)
                 lines.append(f"| {r['shape']} | {cells} |")
     if 'gelu' in ops:
-        lines += ['', '| GELU, channels-last | F.gelu fwd | ours fwd | F.gelu fwd+bwd '
-                  '| ours fwd+bwd | speed-up fwd / fwd+bwd |', '|---|---|---|---|---|---|']
-        lines += [f"| {r['shape']} | " + versus(r['pytorch_fwd_ms'], r['ours_fwd_ms'],
-                                                  r['pytorch_fwd_bwd_ms'], r['ours_fwd_bwd_ms'])
-                  + ' |' for r in rows if r['op'] == 'gelu']
+        lines += versus_table(rows, 'gelu', 'GELU, channels-last', 'F.gelu', 'pytorch_fwd_ms')
     return '\n'.join(lines) + '\n'
 
 
