@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as module_file
 
 from ...ops import depthwise_conv2d, gelu, grn, pointwise_conv2d
 from ...ops.grn import grn_pointwise_conv
@@ -142,7 +143,6 @@ def with_identity_tap(weight: Tensor) -> Tensor:
 
 def _hooked(module: nn.Module) -> bool:
     """Whether a forward hook would see ``module`` run (its own or a global one)."""
-    from torch.nn.modules import module as module_file
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or module_file._global_forward_hooks or module_file._global_forward_pre_hooks)
 
